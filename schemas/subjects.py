@@ -46,11 +46,6 @@ def agent_event(agent_id: str, event: str) -> str:
     return f"{PREFIX}.evt.agent.{_tok(agent_id, 'agent_id')}.{_tok(event, 'event')}"
 
 
-def endpoint_event(endpoint_id: str, event: str) -> str:
-    """stratos.evt.endpoint.{endpoint_id}.{event}"""
-    return f"{PREFIX}.evt.endpoint.{_tok(endpoint_id, 'endpoint_id')}.{_tok(event, 'event')}"
-
-
 def run_events(run_id: str = "*") -> str:
     """Filter for one run's events (or all runs)."""
     return f"{PREFIX}.evt.run.{run_id}.>"

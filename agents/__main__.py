@@ -1,0 +1,62 @@
+"""`stratos-agent` / `python -m agents`: the host agent."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+EPILOG = """\
+examples:
+  stratos-agent --id gpu-1 --price-per-hour 2.49 --region us-east
+  stratos-agent --id a100-eu --price-per-hour 1.80 --region eu-west --nats nats://daemon:4222
+The agent runs only the pipeline steps Stratos defines (probe, prescreen, synthesize, train,
+evaluate, deploy), each in a child process; it never runs arbitrary commands.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags and run the agent until SIGTERM/SIGINT."""
+    p = argparse.ArgumentParser(
+        prog="stratos-agent", description="Stratos host agent: reports hardware, price and "
+        "latency, runs pipeline steps for the daemon.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--id", dest="agent_id", help="agent id, [a-z0-9_-] (required)")
+    p.add_argument("--price-per-hour", dest="price_usd_per_hour", type=float,
+                   help="what this host costs, USD/h")
+    p.add_argument("--region", help="region label, e.g. us-east")
+    p.add_argument("--nats", dest="nats_url", help="NATS URL (default: the local daemon's)")
+    p.add_argument("--config", help="TOML config file (default $STRATOS_CONFIG)")
+    p.add_argument("--home", help="state directory (default $STRATOS_HOME or ~/.stratos)")
+    p.add_argument("--interval", dest="telemetry_interval_s", type=float,
+                   help="telemetry period in seconds (default 5)")
+    p.add_argument("--probe-url", help="also time an HTTP GET to this URL for latency")
+    p.add_argument("--work-dir", help="job directories (default HOME/agents/ID)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["auto", "json", "console"])
+    args = p.parse_args(argv)
+
+    from agents.agent import Agent
+    from stratosd.config import AgentConfig, load_config
+    from stratosd.errors import StratosError
+    from stratosd.logging import configure_logging
+
+    try:
+        config = load_config(AgentConfig, args.config, {
+            k: v for k, v in vars(args).items() if k not in ("config",)})
+        if not config.agent_id:
+            p.error("--id is required (or agent_id in the config / STRATOS_AGENT_ID)")
+        configure_logging(config.log_level, config.log_format)
+        asyncio.run(Agent(config).run())
+    except StratosError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return 2 if exc.code == "config" else 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

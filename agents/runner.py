@@ -1,0 +1,354 @@
+"""One job = one child process: inputs in, progress/logs out as events, outputs uploaded, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import tarfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+
+from schemas import subjects
+from schemas.base import Message
+from schemas.commands import JobStatus, RunStep
+from schemas.events import (
+    EndpointDeployed,
+    EndpointRemoved,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobInterrupted,
+    JobLog,
+    JobProgress,
+    JobStarted,
+)
+from schemas.subjects import artifact_key
+from stratosd.bus import Bus
+from stratosd.errors import Conflict, StratosError
+
+log = structlog.stdlib.get_logger(__name__)
+STATUS_DECODER = msgspec.json.Decoder(JobStatus)
+
+
+@dataclass
+class Job:
+    """A job on this agent."""
+
+    cmd: RunStep
+    workdir: Path
+    state: str = "queued"
+    proc: asyncio.subprocess.Process | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
+    task: asyncio.Task[None] | None = None
+    cancel_requested: bool = False
+    interrupted: bool = False
+    endpoint_url: str | None = None
+
+    def status(self) -> JobStatus:
+        """The job as a GetJob reply."""
+        return JobStatus(job_id=self.cmd.job_id, state=self.state,  # type: ignore[arg-type]
+                         step=self.cmd.step, result=self.result, artifacts=self.artifacts,
+                         error=self.error, source="agent")
+
+
+def _tar_dir(src: Path, dest: Path) -> Path:
+    with tarfile.open(dest, "w") as tar:
+        tar.add(src, arcname=".")
+    return dest
+
+
+def _untar(src: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(src) as tar:
+        tar.extractall(dest, filter="data")  # "data" refuses absolute paths and ../ escapes
+    return dest
+
+
+class Runner:
+    """Runs RunStep jobs in child processes and reports them on the bus."""
+
+    def __init__(self, bus: Bus, agent_id: str, work_dir: Path, *, max_jobs: int = 4,
+                 grace_s: float = 20.0) -> None:
+        self.bus = bus
+        self.agent_id = agent_id
+        self.work_dir = work_dir
+        self.max_jobs = max_jobs
+        self.grace_s = grace_s
+        self.jobs: dict[str, Job] = {}
+        self._load_finished()
+
+    def _load_finished(self) -> None:
+        # Finished jobs survive an agent restart so a resuming daemon can still ask about them.
+        for status_file in (self.work_dir / "jobs").glob("*/status.json"):
+            try:
+                st = STATUS_DECODER.decode(status_file.read_bytes())
+            except (msgspec.DecodeError, OSError):
+                continue
+            cmd = RunStep(job_id=st.job_id, step=st.step or "probe")  # type: ignore[arg-type]
+            job = Job(cmd, status_file.parent, state=st.state, result=dict(st.result),
+                      artifacts=dict(st.artifacts), error=st.error)
+            if job.state in ("queued", "running"):
+                job.state = "interrupted"
+            self.jobs[st.job_id] = job
+
+    def running(self) -> list[str]:
+        """Ids of jobs in flight."""
+        return [j for j, job in self.jobs.items() if job.state in ("queued", "running")]
+
+    def endpoints(self) -> list[str]:
+        """URLs this agent serves."""
+        return [job.endpoint_url for job in self.jobs.values()
+                if job.endpoint_url and job.state == "running"]
+
+    async def emit(self, event: Message, name: str, job_id: str) -> None:
+        """Publish a job event (JetStream; the daemon's durable consumer picks it up)."""
+        try:
+            await self.bus.publish_event(subjects.job_event(job_id, name), event)
+        except Exception:  # noqa: BLE001 - the bus may be reconnecting; the state stays local
+            log.warning("job_event_not_published", job_id=job_id, event_name=name, exc_info=True)
+
+    def submit(self, cmd: RunStep) -> Job:
+        """Start a job; the same job_id again returns the existing job (idempotent)."""
+        if cmd.job_id in self.jobs and self.jobs[cmd.job_id].state != "interrupted":
+            return self.jobs[cmd.job_id]
+        if len(self.running()) >= self.max_jobs:
+            raise Conflict(f"agent {self.agent_id} is busy ({self.max_jobs} jobs running)",
+                           hint="wait, or raise max_jobs in the agent config")
+        job = Job(cmd, self.work_dir / "jobs" / cmd.job_id)
+        self.jobs[cmd.job_id] = job
+        job.task = asyncio.create_task(self._run(job), name=f"job-{cmd.job_id}")
+        return job
+
+    async def _fetch_inputs(self, job: Job) -> dict[str, str]:
+        paths: dict[str, str] = {}
+        for name, key in job.cmd.inputs.items():
+            artifact_key("x", name)  # validates the local name
+            if key.endswith(".tar"):
+                tmp = job.workdir / "inputs" / f"{name}.tar"
+                await self.bus.get_artifact(key, tmp)
+                paths[name] = str(await asyncio.to_thread(_untar, tmp,
+                                                          job.workdir / "inputs" / name))
+                tmp.unlink(missing_ok=True)
+            else:
+                dest = job.workdir / "inputs" / name
+                paths[name] = str(await self.bus.get_artifact(key, dest))
+        return paths
+
+    async def _upload(self, run_id: str, path: Path, name: str) -> str:
+        if path.is_dir():
+            tar = path.parent / f".{name}.tar"
+            await asyncio.to_thread(_tar_dir, path, tar)
+            key = artifact_key(run_id, f"{name}.tar")
+            await self.bus.put_artifact(key, tar)
+            tar.unlink(missing_ok=True)
+            return key
+        return await self.bus.put_artifact(artifact_key(run_id, name), path)
+
+    async def _run(self, job: Job) -> None:
+        cmd = job.cmd
+        run_id = cmd.run_id or "adhoc"
+        t0 = time.monotonic()
+        with structlog.contextvars.bound_contextvars(job_id=cmd.job_id, run_id=run_id):
+            try:
+                shutil.rmtree(job.workdir, ignore_errors=True)
+                job.workdir.mkdir(parents=True)
+                inputs = await self._fetch_inputs(job)
+                spec = {"job_id": cmd.job_id, "run_id": run_id, "step": cmd.step,
+                        "args": cmd.args, "inputs": inputs, "workdir": str(job.workdir),
+                        "state_dir": str(self.work_dir / "runs" / run_id / cmd.step)}
+                (job.workdir / "job.json").write_text(json.dumps(spec))
+                await self._child(job, run_id)
+            except StratosError as exc:
+                job.state, job.error = "failed", exc.message
+                await self.emit(JobFailed(job_id=cmd.job_id, run_id=run_id, agent_id=self.agent_id,
+                                          step=cmd.step, code=exc.code, message=exc.message,
+                                          hint=exc.hint, source=self.agent_id),
+                                "failed", cmd.job_id)
+            except asyncio.CancelledError:
+                job.state = "interrupted"
+                raise
+            except Exception as exc:  # noqa: BLE001 - job boundary
+                log.error("job_crashed", exc_info=True)
+                job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+                await self.emit(JobFailed(job_id=cmd.job_id, run_id=run_id, agent_id=self.agent_id,
+                                          step=cmd.step, message=job.error, source=self.agent_id),
+                                "failed", cmd.job_id)
+            finally:
+                self._save(job)
+                log.info("job_finished", state=job.state,
+                         duration_s=round(time.monotonic() - t0, 2))
+
+    async def _child(self, job: Job, run_id: str) -> None:
+        cmd = job.cmd
+        t0 = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agents.worker", str(job.workdir / "job.json"),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            limit=16 * 1024 * 1024,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
+        )
+        job.proc, job.state = proc, "running"
+        await self.emit(JobStarted(job_id=cmd.job_id, run_id=run_id, agent_id=self.agent_id,
+                                   step=cmd.step, pid=proc.pid, source=self.agent_id),
+                        "started", cmd.job_id)
+        final: dict[str, Any] = {}
+        assert proc.stdout is not None and proc.stderr is not None
+        await asyncio.gather(self._read_protocol(job, run_id, proc.stdout, final),
+                             self._read_logs(job, run_id, proc.stderr))
+        rc = await proc.wait()
+        if job.endpoint_url:
+            await self.emit(EndpointRemoved(endpoint_id=cmd.job_id, agent_id=self.agent_id,
+                                            source=self.agent_id), "undeployed", cmd.job_id)
+        if job.interrupted:
+            job.state = "interrupted"
+            await self.emit(JobInterrupted(job_id=cmd.job_id, run_id=run_id,
+                                           agent_id=self.agent_id, source=self.agent_id),
+                            "interrupted", cmd.job_id)
+        elif job.cancel_requested:
+            job.state = "cancelled"
+            await self.emit(JobCancelled(job_id=cmd.job_id, run_id=run_id,
+                                         agent_id=self.agent_id, source=self.agent_id),
+                            "cancelled", cmd.job_id)
+        elif "result" in final and rc == 0:
+            outdir = job.workdir / "out"
+            for entry in sorted(outdir.iterdir()) if outdir.exists() else []:
+                if not entry.name.startswith("."):
+                    job.artifacts[entry.name if entry.is_file() else f"{entry.name}.tar"] = \
+                        await self._upload(run_id, entry, entry.name)
+            job.result = dict(final["result"])
+            job.state = "completed"
+            await self.emit(JobCompleted(job_id=cmd.job_id, run_id=run_id,
+                                         agent_id=self.agent_id, step=cmd.step,
+                                         result=job.result, artifacts=job.artifacts,
+                                         duration_s=round(time.monotonic() - t0, 3),
+                                         source=self.agent_id), "completed", cmd.job_id)
+        else:
+            err = final.get("error") or {
+                "code": "job_failed",
+                "message": f"child exited with code {rc}: "
+                + (" | ".join(list(job.stderr_tail)[-3:]) or "no output"),
+                "hint": "see the job log"}
+            job.state, job.error = "failed", err["message"]
+            await self.emit(JobFailed(job_id=cmd.job_id, run_id=run_id, agent_id=self.agent_id,
+                                      step=cmd.step, code=err.get("code", "job_failed"),
+                                      message=err["message"], hint=err.get("hint", ""),
+                                      source=self.agent_id), "failed", cmd.job_id)
+
+    async def _read_protocol(self, job: Job, run_id: str, stream: asyncio.StreamReader,
+                             final: dict[str, Any]) -> None:
+        cmd = job.cmd
+        async for raw in stream:
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                job.stderr_tail.append(raw.decode(errors="replace").rstrip())
+                continue
+            kind = line.pop("kind", "")
+            if kind == "progress":
+                await self.emit(JobProgress(job_id=cmd.job_id, run_id=run_id,
+                                            agent_id=self.agent_id, step=cmd.step,
+                                            done=float(line.get("done", 0)),
+                                            total=line.get("total"), unit=line.get("unit", ""),
+                                            message=line.get("message", ""),
+                                            metrics=line.get("metrics", {}),
+                                            source=self.agent_id), "progress", cmd.job_id)
+            elif kind == "log":
+                await self.emit(JobLog(job_id=cmd.job_id, run_id=run_id, agent_id=self.agent_id,
+                                       level=line.get("level", "info"),
+                                       message=str(line.get("message", ""))[:4000],
+                                       source=self.agent_id), "log", cmd.job_id)
+            elif kind == "checkpoint":
+                name = f"{cmd.step}-{line.get('name', 'checkpoint')}"
+                key = await self._upload(run_id, Path(line["path"]), name)
+                await self.emit(JobProgress(job_id=cmd.job_id, run_id=run_id,
+                                            agent_id=self.agent_id, step=cmd.step,
+                                            message=f"checkpoint uploaded: {key}",
+                                            source=self.agent_id), "progress", cmd.job_id)
+            elif kind == "ready":
+                job.endpoint_url = str(line.get("url", ""))
+                metrics = {k: float(v) for k, v in dict(line.get("metrics", {})).items()
+                           if isinstance(v, int | float)}
+                await self.emit(EndpointDeployed(
+                    endpoint_id=cmd.job_id, run_id=run_id, agent_id=self.agent_id,
+                    url=job.endpoint_url, model=str(line.get("model", "")),
+                    deployer=str(cmd.args.get("deployer", "")), metrics=metrics,
+                    source=self.agent_id), "deployed", cmd.job_id)
+            elif kind in ("result", "error"):
+                final[kind] = line.get("result", line) if kind == "result" else line
+
+    async def _read_logs(self, job: Job, run_id: str, stream: asyncio.StreamReader) -> None:
+        last = 0.0
+        async for raw in stream:
+            text = raw.decode(errors="replace").rstrip()
+            if not text:
+                continue
+            job.stderr_tail.append(text)
+            now = time.monotonic()
+            if now - last >= 0.2:  # a chatty library must not flood the stream
+                last = now
+                await self.emit(JobLog(job_id=job.cmd.job_id, run_id=run_id,
+                                       agent_id=self.agent_id, level="stderr",
+                                       message=text[:4000], source=self.agent_id),
+                                "log", job.cmd.job_id)
+
+    def _save(self, job: Job) -> None:
+        try:
+            job.workdir.mkdir(parents=True, exist_ok=True)
+            (job.workdir / "status.json").write_bytes(msgspec.json.encode(job.status()))
+        except OSError:
+            log.warning("job_status_not_saved", job_id=job.cmd.job_id)
+
+    async def _terminate(self, job: Job) -> None:
+        proc = job.proc
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            await asyncio.wait_for(proc.wait(), self.grace_s)
+        except TimeoutError:
+            log.warning("job_kill", job_id=job.cmd.job_id)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    async def cancel(self, job_id: str) -> Job:
+        """SIGTERM the job's process group (the step checkpoints), SIGKILL after the grace."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            from stratosd.errors import NotFound
+
+            raise NotFound(f"no job {job_id!r} on agent {self.agent_id}")
+        if job.state in ("queued", "running"):
+            job.cancel_requested = True
+            await self._terminate(job)
+            if job.task is not None:
+                await asyncio.wait([job.task], timeout=self.grace_s + 5)
+        return job
+
+    async def shutdown(self) -> None:
+        """Interrupt every job (checkpoint, then job_interrupted), then wait for their tasks."""
+        for job in self.jobs.values():
+            if job.state in ("queued", "running"):
+                job.interrupted = True
+        await asyncio.gather(*(self._terminate(j) for j in self.jobs.values()))
+        tasks = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.grace_s + 5)

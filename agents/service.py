@@ -1,0 +1,65 @@
+"""nats.micro "stratos-agent": run, cancel, job, undeploy on stratos.cmd.agent.{id}.*."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from nats.micro import add_service
+from nats.micro.service import Service
+
+from schemas import subjects
+from schemas.base import Message
+from schemas.commands import AGENT_COMMAND_DECODER, Accepted, CancelJob, GetJob, RunStep, Undeploy
+from stratosd import __version__
+from stratosd.bus import micro_handler
+from stratosd.errors import NotFound, Unsupported
+
+if TYPE_CHECKING:
+    from agents.runner import Runner
+
+
+class AgentService:
+    """Command endpoints: a closed set of typed commands; nothing else ever runs."""
+
+    def __init__(self, nc: Any, agent_id: str, runner: Runner) -> None:
+        self.nc = nc
+        self.agent_id = agent_id
+        self.runner = runner
+        self.service: Service | None = None
+
+    async def start(self) -> None:
+        """Register the endpoints under this agent's command group."""
+        self.service = await add_service(
+            self.nc, name=subjects.AGENT_SERVICE, version=__version__,
+            description="Stratos agent", metadata={"agent_id": self.agent_id},
+        )
+        group = self.service.add_group(name=subjects.agent_cmd_group(self.agent_id))
+        handler = micro_handler(AGENT_COMMAND_DECODER, self.handle, source=self.agent_id)
+        for verb in subjects.AGENT_VERBS:
+            await group.add_endpoint(name=verb, subject=verb, handler=handler)
+
+    async def stop(self) -> None:
+        """Stop answering commands."""
+        if self.service is not None:
+            await self.service.stop()
+
+    async def handle(self, cmd: Any) -> Message:
+        """Dispatch a decoded AgentCommand."""
+        if isinstance(cmd, RunStep):
+            job = self.runner.submit(cmd)
+            return Accepted(ref=cmd.job_id, state=job.state, source=self.agent_id)
+        if isinstance(cmd, CancelJob):
+            job = await self.runner.cancel(cmd.job_id)
+            return Accepted(ref=cmd.job_id, state=job.state, source=self.agent_id)
+        if isinstance(cmd, GetJob):
+            job = self.runner.jobs.get(cmd.job_id)
+            if job is None:
+                raise NotFound(f"no job {cmd.job_id!r} on agent {self.agent_id}")
+            return job.status()
+        if isinstance(cmd, Undeploy):
+            job = self.runner.jobs.get(cmd.endpoint_id)
+            if job is None or not job.endpoint_url:
+                raise NotFound(f"no endpoint {cmd.endpoint_id!r} on agent {self.agent_id}")
+            await self.runner.cancel(cmd.endpoint_id)
+            return Accepted(ref=cmd.endpoint_id, state="undeployed", source=self.agent_id)
+        raise Unsupported(f"unsupported command {type(cmd).__name__}")

@@ -1,0 +1,204 @@
+"""Agent directory: telemetry in, liveness out. Hot path: decode, update a dict, record delay."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import structlog
+
+from schemas import SCHEMA_VERSION, subjects
+from schemas.base import encode, utc_now
+from schemas.commands import ServerRow
+from schemas.events import AgentDown, AgentRegistered
+from schemas.specs import ServerOffer
+from schemas.telemetry import TELEMETRY_DECODER, AgentTelemetry
+from stratosd.bus import Bus
+
+log = structlog.stdlib.get_logger(__name__)
+
+
+@dataclass
+class AgentState:
+    """What the daemon knows of one agent."""
+
+    telemetry: AgentTelemetry
+    last_seen: float  # monotonic
+    last_seen_at: datetime
+    status: str = "up"
+    dirty: bool = True
+
+
+@dataclass
+class IngestStats:
+    """Counters the ingest benchmark reads."""
+
+    messages: int = 0
+    rejected: int = 0
+    delays_ms: list[float] = field(default_factory=list)
+
+    def record(self, delay_ms: float) -> None:
+        """Keep a bounded sample of publish→registry delays."""
+        self.messages += 1
+        if len(self.delays_ms) < 200_000:
+            self.delays_ms.append(delay_ms)
+
+
+class Fleet:
+    """Live server registry built from agent telemetry."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        missed_heartbeats: int = 3,
+        publish: Callable[[str, Any], Awaitable[None]] | None = None,
+        on_down: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.bus = bus
+        self.missed_heartbeats = missed_heartbeats
+        self.agents: dict[str, AgentState] = {}
+        self.stats = IngestStats()
+        self._publish = publish
+        self._on_down = on_down
+        self._sub: Any = None
+        self._new: list[str] = []
+
+    async def start(self) -> None:
+        """Restore known agents from KV (as down until heard) and subscribe to telemetry."""
+        try:
+            kv = await self.bus.kv(subjects.AGENTS_BUCKET)
+            for key in await kv.keys():
+                entry = await kv.get(key)
+                tlm = TELEMETRY_DECODER.decode(entry.value)
+                self.agents[tlm.agent_id] = AgentState(
+                    tlm, last_seen=float("-inf"), last_seen_at=tlm.ts, status="down",
+                    dirty=False,
+                )
+        except Exception:  # noqa: BLE001 - empty bucket raises; nothing to restore
+            log.debug("fleet_restore_empty")
+        self._sub = await self.bus.nc.subscribe(subjects.ALL_TELEMETRY, cb=self._on_msg)
+
+    async def _on_msg(self, msg: Any) -> None:
+        self.ingest(msg.data)
+        if self._new:
+            new, self._new = self._new, []
+            for agent_id in new:
+                st = self.agents[agent_id]
+                log.info("agent_registered", agent_id=agent_id, hostname=st.telemetry.hostname)
+                await self._emit(
+                    subjects.agent_event(agent_id, "registered"),
+                    AgentRegistered(agent_id=agent_id, hostname=st.telemetry.hostname,
+                                    region=st.telemetry.region,
+                                    price_usd_per_hour=st.telemetry.price_usd_per_hour,
+                                    source="stratosd"),
+                )
+
+    def ingest(self, data: bytes) -> AgentTelemetry | None:
+        """Apply one telemetry message (sync: the hot path never awaits)."""
+        try:
+            tlm = TELEMETRY_DECODER.decode(data)
+        except msgspec.ValidationError as exc:
+            self.stats.rejected += 1
+            log.debug("message_rejected", reason=str(exc))
+            return None
+        if tlm.schema_version != SCHEMA_VERSION:
+            self.stats.rejected += 1
+            side = "agent" if tlm.schema_version < SCHEMA_VERSION else "daemon"
+            log.warning("agent_incompatible", agent_id=tlm.agent_id,
+                        agent_schema=tlm.schema_version, daemon_schema=SCHEMA_VERSION,
+                        hint=f"upgrade the {side}")
+            return None
+        now = utc_now()
+        self.stats.record((now - tlm.ts).total_seconds() * 1000.0)
+        st = self.agents.get(tlm.agent_id)
+        if st is None or st.status != "up":
+            self._new.append(tlm.agent_id)
+            self.agents[tlm.agent_id] = AgentState(tlm, time.monotonic(), now)
+        else:
+            st.telemetry, st.last_seen, st.last_seen_at, st.dirty = tlm, time.monotonic(), now, True
+        return tlm
+
+    async def _emit(self, subject: str, event: Any) -> None:
+        if self._publish is not None:
+            await self._publish(subject, event)
+
+    async def check_liveness(self) -> list[str]:
+        """Mark agents silent for missed_heartbeats × their interval as down; return them."""
+        now = time.monotonic()
+        down = []
+        for agent_id, st in self.agents.items():
+            limit = self.missed_heartbeats * st.telemetry.interval_s
+            if st.status == "up" and now - st.last_seen > limit:
+                st.status = "down"
+                st.dirty = True
+                down.append(agent_id)
+        for agent_id in down:
+            st = self.agents[agent_id]
+            silent = now - st.last_seen
+            log.warning("agent_down", agent_id=agent_id, silent_s=round(silent, 1))
+            await self._emit(
+                subjects.agent_event(agent_id, "down"),
+                AgentDown(agent_id=agent_id, silent_s=round(silent, 2),
+                          running_jobs=list(st.telemetry.running_jobs), source="stratosd"),
+            )
+            if self._on_down is not None:
+                await self._on_down(agent_id)
+        return down
+
+    async def flush_kv(self) -> int:
+        """Write changed agents' last telemetry to KV stratos_agents."""
+        kv = await self.bus.kv(subjects.AGENTS_BUCKET)
+        n = 0
+        for agent_id, st in list(self.agents.items()):
+            if st.dirty:
+                st.dirty = False
+                await kv.put(agent_id, encode(st.telemetry))
+                n += 1
+        return n
+
+    def is_up(self, agent_id: str) -> bool:
+        """True when the agent is live."""
+        st = self.agents.get(agent_id)
+        return st is not None and st.status == "up"
+
+    def offer(self, agent_id: str) -> ServerOffer:
+        """The agent as a server offer."""
+        st = self.agents[agent_id]
+        t = st.telemetry
+        gpu_model = t.gpus[0].model if t.gpus else "cpu"
+        gpu_mem = min((g.mem_total_mib for g in t.gpus), default=0)
+        return ServerOffer(
+            id=agent_id, source="agent", agent_id=agent_id, gpu_model=gpu_model,
+            gpu_count=len(t.gpus), gpu_mem_mib=gpu_mem, cpu_count=t.cpu_count,
+            ram_mib=t.ram_total_mib, price_usd_per_hour=t.price_usd_per_hour,
+            latency_ms=t.latency_ms if t.latency_ms is not None else 0.0, region=t.region,
+            status="up" if st.status == "up" else "down",
+        )
+
+    def offers(self, *, include_down: bool = False) -> list[ServerOffer]:
+        """Live agents as offers (the candidates a run can execute on)."""
+        return [self.offer(a) for a, st in sorted(self.agents.items())
+                if include_down or st.status == "up"]
+
+    def rows(self) -> list[ServerRow]:
+        """The registry as `stratosctl servers` shows it."""
+        return [
+            ServerRow(offer=self.offer(a), last_seen=st.last_seen_at,
+                      cpu_pct=st.telemetry.cpu_pct, ram_used_mib=st.telemetry.ram_used_mib,
+                      running_jobs=list(st.telemetry.running_jobs),
+                      endpoints=list(st.telemetry.endpoints))
+            for a, st in sorted(self.agents.items())
+        ]
+
+    async def stop(self) -> None:
+        """Unsubscribe."""
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - shutdown path
+                log.debug("unsubscribe_failed")

@@ -1,0 +1,128 @@
+"""nats.micro service "stratosd": the control endpoints stratosctl talks to."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+from nats.micro import add_service
+from nats.micro.service import Service
+
+from schemas import subjects
+from schemas.commands import (
+    DAEMON_COMMAND_DECODER,
+    Accepted,
+    CancelRun,
+    EndpointInfo,
+    EndpointList,
+    GetReport,
+    GetRun,
+    ListEndpoints,
+    ListPlugins,
+    ListRuns,
+    ListServers,
+    PlanReply,
+    PlanRun,
+    PluginList,
+    ReportReply,
+    RunList,
+    RunReply,
+    ServerList,
+    ServerRow,
+    SubmitRun,
+    UndeployEndpoint,
+)
+from stratosd import __version__
+from stratosd.bus import micro_handler
+from stratosd.errors import Conflict, NotFound, Unsupported
+from stratosd.validate import validate_spec
+
+if TYPE_CHECKING:
+    from schemas.base import Message
+    from stratosd.daemon import Daemon
+
+log = structlog.stdlib.get_logger(__name__)
+ENDPOINT_DECODER = msgspec.json.Decoder(EndpointInfo)
+
+
+class ControlService:
+    """Handlers for stratos.cmd.daemon.*; each returns a reply Message."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self.service: Service | None = None
+
+    async def start(self) -> None:
+        """Register the micro service and its endpoints."""
+        self.service = await add_service(
+            self.d.bus.nc, name=subjects.DAEMON_SERVICE, version=__version__,
+            description="Stratos daemon control API",
+        )
+        group = self.service.add_group(name=subjects.DAEMON_CMD_GROUP)
+        handler = micro_handler(DAEMON_COMMAND_DECODER, self.handle, source="stratosd")
+        for verb in subjects.DAEMON_VERBS:
+            await group.add_endpoint(name=verb, subject=verb, handler=handler)
+
+    async def stop(self) -> None:
+        """Stop answering."""
+        if self.service is not None:
+            await self.service.stop()
+
+    async def handle(self, cmd: Any) -> Message:
+        """Dispatch on the command type."""
+        d = self.d
+        if isinstance(cmd, SubmitRun):
+            validate_spec(cmd.spec, d.plugins)
+            run = await d.pipeline.submit(cmd.spec, cmd.run_id)
+            return Accepted(ref=run.run_id, state=run.state, source="stratosd")
+        if isinstance(cmd, ListRuns):
+            runs = await d.store.list()
+            return RunList(runs=runs[: cmd.limit], source="stratosd")
+        if isinstance(cmd, GetRun):
+            return RunReply(run=await d.store.get(cmd.run_id), source="stratosd")
+        if isinstance(cmd, CancelRun):
+            run = await d.pipeline.cancel(cmd.run_id)
+            return Accepted(ref=run.run_id, state=run.state, source="stratosd")
+        if isinstance(cmd, ListServers):
+            rows = d.fleet.rows()
+            if cmd.offers:
+                rows += [ServerRow(offer=o) for o in d.catalog_offers()]
+            return ServerList(servers=rows, source="stratosd")
+        if isinstance(cmd, ListPlugins):
+            return PluginList(plugins=d.plugins.info(), source="stratosd")
+        if isinstance(cmd, PlanRun):
+            return await self._plan(cmd)
+        if isinstance(cmd, ListEndpoints):
+            return EndpointList(endpoints=await d.endpoints(), source="stratosd")
+        if isinstance(cmd, UndeployEndpoint):
+            for ep in await d.endpoints():
+                if ep.endpoint_id == cmd.endpoint_id:
+                    await d.dispatch.undeploy(ep.agent_id, ep.endpoint_id)
+                    return Accepted(ref=ep.endpoint_id, state="undeploying", source="stratosd")
+            raise NotFound(f"no endpoint {cmd.endpoint_id!r}",
+                           hint="list them with `stratosctl endpoints`")
+        if isinstance(cmd, GetReport):
+            run = await d.store.get(cmd.run_id)
+            rep = run.results.get("report")
+            if not rep:
+                raise Conflict(f"run {cmd.run_id} has no report yet (state {run.state})",
+                               hint="wait for the run to finish: stratosctl watch ID")
+            return ReportReply(run_id=run.run_id, paths=dict(rep.get("paths", {})),
+                               report=dict(rep.get("report", rep)), source="stratosd")
+        raise Unsupported(f"unsupported command {type(cmd).__name__}")
+
+    async def _plan(self, cmd: PlanRun) -> PlanReply:
+        import asyncio
+
+        from stratosd import planning
+
+        d = self.d
+        spec = cmd.spec
+        selector = d.plugins.selectors.get(cmd.selector or spec.selector)()
+        offers = d.fleet.offers() + d.catalog_offers()
+        selection = await asyncio.to_thread(
+            selector.select, offers, spec.constraints, est_train_hours=spec.est_train_hours,
+            seed=spec.seed)
+        rows = planning.plan_rows(selection, offers, spec.constraints, spec.est_train_hours)
+        return PlanReply(selection=selection, rows=rows, source="stratosd")

@@ -1,0 +1,257 @@
+"""The pipeline's stages: each reads the run, does its work (here or on an agent), returns a result."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import structlog
+
+from schemas.base import to_builtins
+from schemas.commands import RunStep
+from schemas.specs import ServerOffer, TeacherScore
+from stratosd.bus import Bus
+from stratosd.config import DaemonConfig
+from stratosd.dispatch import Dispatcher, Outcome
+from stratosd.errors import AgentUnavailable, ConfigError, Infeasible
+from stratosd.fleet import Fleet
+from stratosd.pipeline import StageFn, StageRun
+from stratosd.plugins import Plugins
+
+log = structlog.stdlib.get_logger(__name__)
+_STAGE_PARAM_KEYS = ("synthesis", "prescreen", "evaluate", "deploy")
+
+
+@dataclass
+class Services:
+    """The daemon services stages use."""
+
+    bus: Bus
+    fleet: Fleet
+    dispatch: Dispatcher
+    plugins: Plugins
+    config: DaemonConfig
+
+
+def services(ctx: StageRun) -> Services:
+    """The Services attached to the pipeline."""
+    return ctx.pipeline.services  # type: ignore[attr-defined,no-any-return]
+
+
+def stage_params(ctx: StageRun, key: str) -> dict[str, Any]:
+    """Per-stage overrides from the job's [train.<key>] table."""
+    value = ctx.spec.train.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"train.{key} must be a table", field=f"train.{key}")
+    return dict(value)
+
+
+async def select(ctx: StageRun, offers: list[ServerOffer]) -> Any:
+    """Run the job's selector over offers in a thread (big fleets take a few ms)."""
+    svc = services(ctx)
+    selector = svc.plugins.selectors.get(ctx.spec.selector)()
+    return await asyncio.to_thread(selector.select, offers, ctx.spec.constraints,
+                                   est_train_hours=ctx.spec.est_train_hours, seed=ctx.spec.seed)
+
+
+async def agent_for(ctx: StageRun) -> str:
+    """The run's agent; if it is down, re-select among the live ones and remember that."""
+    svc = services(ctx)
+    current = ctx.run.progress.get("agent_id") or ctx.result("select_server").get("agent_id")
+    if current and svc.fleet.is_up(current):
+        return str(current)
+    excluded = sorted(set(ctx.run.progress.get("excluded_agents", [])) | {current} - {None})
+    offers = [o for o in svc.fleet.offers() if o.id not in excluded]
+    if not offers:
+        raise AgentUnavailable(f"agent {current} is down and no other live agent can take over",
+                               hint="start another stratos-agent; the run retries")
+    selection = await select(ctx, offers)
+    chosen = str(selection.chosen.agent_id)
+    log.warning("server_reselected", previous=current, agent_id=chosen)
+    await ctx.note(agent_id=chosen, excluded_agents=excluded)
+    return chosen
+
+
+async def run_job(
+    ctx: StageRun, step: str, args: dict[str, Any], *, key: str | None = None,
+    inputs: dict[str, str] | None = None, until: str = "completed",
+) -> Outcome:
+    """Run one step on the run's agent and wait; resumes a job sent before a daemon restart."""
+    svc = services(ctx)
+    key = key or step
+    job_key = f"{key}#{ctx.attempt}"
+    job_id = ctx.run.jobs.get(job_key)
+    agent_id = ctx.run.jobs.get(f"{job_key}@agent")
+    if job_id and agent_id:
+        known = svc.dispatch.outcomes.get(job_id)
+        if known is not None and known.state in ("completed", "serving", "failed"):
+            svc.dispatch.raise_for(job_id, known)
+            return known
+        status = await svc.dispatch.status(agent_id, job_id) if svc.fleet.is_up(agent_id) else None
+        if status is not None and status.state == "completed":
+            return Outcome("completed", dict(status.result), dict(status.artifacts))
+        if status is None or status.state not in ("queued", "running"):
+            job_id = None  # lost with its agent: send it again
+        else:
+            svc.dispatch.job_agent[job_id] = agent_id
+    if not job_id:
+        agent_id = await agent_for(ctx)
+        job_id = f"{ctx.run_id}-{key}-{ctx.attempt}"
+        await ctx.remember_job(job_key, job_id)
+        await ctx.remember_job(f"{job_key}@agent", agent_id)
+        step_msg = RunStep(job_id=job_id, run_id=ctx.run_id, step=step,  # type: ignore[arg-type]
+                           args=args, inputs=inputs or {}, source="stratosd")
+        await svc.dispatch.send(agent_id, step_msg)
+    assert agent_id is not None
+    try:
+        outcome = await svc.dispatch.wait(job_id)
+    except asyncio.CancelledError:
+        await svc.dispatch.cancel(agent_id, job_id)
+        raise
+    svc.dispatch.raise_for(job_id, outcome)
+    return outcome
+
+
+def task_args(ctx: StageRun) -> dict[str, Any]:
+    """The task spec as plain data."""
+    return dict(to_builtins(ctx.spec.task))
+
+
+async def select_server(ctx: StageRun) -> dict[str, Any]:
+    """Pick a server among live agents with the job's selector."""
+    svc = services(ctx)
+    offers = svc.fleet.offers()
+    if not offers:
+        raise Infeasible("no live agent to run on",
+                         hint="start stratos-agent on a host (see README), then resubmit")
+    selection = await select(ctx, offers)
+    return {"selection": to_builtins(selection), "agent_id": selection.chosen.agent_id,
+            "offers": [to_builtins(o) for o in offers]}
+
+
+async def probe_teachers(ctx: StageRun) -> dict[str, Any]:
+    """Every candidate teacher answers a sample of the task (on the agent)."""
+    args = {"task": task_args(ctx), "teachers": to_builtins(ctx.spec.teachers),
+            "probe_size": ctx.spec.task.probe_size, "seed": ctx.spec.seed,
+            "budget_usd": ctx.spec.constraints.budget_usd}
+    return (await run_job(ctx, "probe", args)).result
+
+
+async def select_student(ctx: StageRun) -> dict[str, Any]:
+    """Fit and pre-screen the candidate students (on the agent)."""
+    offer = ctx.result("select_server")["selection"]["chosen"]
+    args = {"task": task_args(ctx), "students": to_builtins(ctx.spec.students), "offer": offer,
+            "trainer": ctx.spec.trainer, "train": _train_params(ctx), "seed": ctx.spec.seed,
+            **stage_params(ctx, "prescreen")}
+    result = (await run_job(ctx, "prescreen", args)).result
+    if not result.get("chosen"):
+        raise Infeasible(f"no student passed fit and pre-screen: {result.get('reason', '')}",
+                         hint="add a student that fits the server, or relax the constraints")
+    return result
+
+
+async def choose_strategy(ctx: StageRun) -> dict[str, Any]:
+    """Alignment or injection (or another mode), from the best teacher's probe accuracy."""
+    svc = services(ctx)
+    probe = ctx.result("probe_teachers")
+    scores = [msgspec.convert(s, TeacherScore) for s in probe.get("scores", [])]
+    best_name = probe.get("best")
+    best = next((s for s in scores if s.name == best_name), None)
+    if best is None:
+        raise Infeasible("no teacher could be probed", hint="check the teachers in the job")
+    teacher_spec = next(t for t in ctx.spec.teachers if t.label == best.name)
+    if ctx.spec.mode != "auto":
+        mode, reason = ctx.spec.mode, "set in the job"
+    else:
+        mode = svc.plugins.choose_mode(ctx.spec.task, best, ctx.spec.mode_threshold)
+        side = "≥" if best.accuracy >= ctx.spec.mode_threshold else "<"
+        reason = (f"teacher {best.name} probe accuracy {best.accuracy:.1%} {side} threshold "
+                  f"{ctx.spec.mode_threshold:.0%}")
+    svc.plugins.modes.get(mode)
+    return {"mode": mode, "teacher": best.name, "teacher_spec": to_builtins(teacher_spec),
+            "teacher_accuracy": best.accuracy, "threshold": ctx.spec.mode_threshold,
+            "reason": reason}
+
+
+async def synthesize(ctx: StageRun) -> dict[str, Any]:
+    """The teacher writes the training data with the chosen mode (on the agent)."""
+    strategy = ctx.result("choose_strategy")
+    args = {"task": task_args(ctx), "teacher": strategy["teacher_spec"],
+            "mode": strategy["mode"], "use_reference": True, "seed": ctx.spec.seed,
+            **stage_params(ctx, "synthesis")}
+    out = await run_job(ctx, "synthesize", args)
+    return {**out.result, "artifact": out.artifacts.get("dataset.jsonl", "")}
+
+
+def _train_params(ctx: StageRun) -> dict[str, Any]:
+    return {k: v for k, v in ctx.spec.train.items() if k not in _STAGE_PARAM_KEYS}
+
+
+async def train(ctx: StageRun) -> dict[str, Any]:
+    """Train the chosen student; a retry resumes from the last uploaded checkpoint."""
+    svc = services(ctx)
+    dataset = ctx.result("synthesize").get("artifact")
+    if not dataset:
+        raise ConfigError("the synthesis stage produced no dataset", hint="see its job log")
+    inputs = {"dataset": dataset}
+    ckpt = f"{ctx.run_id}/train-checkpoint.tar"
+    if await svc.bus.has_artifact(ckpt):
+        inputs["resume"] = ckpt
+    args = {"model": ctx.result("select_student")["chosen"], "trainer": ctx.spec.trainer,
+            "params": _train_params(ctx), "task": task_args(ctx), "seed": ctx.spec.seed}
+    out = await run_job(ctx, "train", args, inputs=inputs)
+    return {**out.result, "artifact": out.artifacts.get("model.tar", ""),
+            "resumed": "resume" in inputs}
+
+
+async def evaluate(ctx: StageRun) -> dict[str, Any]:
+    """Held-out accuracy and latency of the student before and after training."""
+    student = ctx.result("select_student")["chosen"]
+    model_key = ctx.result("train").get("artifact", "")
+    base = {"task": task_args(ctx), "model": student, "split": "test", "seed": ctx.spec.seed,
+            **stage_params(ctx, "evaluate")}
+    before = await run_job(ctx, "evaluate", base, key="evaluate-before")
+    after = await run_job(ctx, "evaluate", base, key="evaluate-after",
+                          inputs={"model": model_key} if model_key else None)
+    return {"before": before.result, "after": after.result,
+            "teacher_probe_accuracy": ctx.result("choose_strategy").get("teacher_accuracy")}
+
+
+async def deploy(ctx: StageRun) -> dict[str, Any]:
+    """Serve the trained student on the run's agent and measure it."""
+    if not ctx.spec.deploy:
+        return {"skipped": True}
+    args = {"deployer": ctx.spec.deployer, "model": ctx.result("select_student")["chosen"],
+            "served_name": ctx.spec.name, **stage_params(ctx, "deploy")}
+    model_key = ctx.result("train").get("artifact", "")
+    out = await run_job(ctx, "deploy", args, inputs={"model": model_key} if model_key else None,
+                        until="serving")
+    ep = out.endpoint
+    if ep is None:
+        return {"skipped": True, "reason": "the deploy job ended without serving"}
+    return {"endpoint_id": ep.endpoint_id, "url": ep.url, "model": ep.model,
+            "agent_id": ep.agent_id, "metrics": dict(ep.metrics), "deployer": ep.deployer}
+
+
+async def report(ctx: StageRun) -> dict[str, Any]:
+    """Write the Markdown/JSON/PNG report with the multi-objective score."""
+    from stratosd.report import write_report
+
+    svc = services(ctx)
+    out_dir = svc.config.home_path / "reports" / ctx.run_id
+    return await asyncio.to_thread(write_report, ctx.run, svc.plugins, out_dir)
+
+
+STAGE_FUNCS: dict[str, StageFn] = {
+    "select_server": select_server,
+    "probe_teachers": probe_teachers,
+    "select_student": select_student,
+    "choose_strategy": choose_strategy,
+    "synthesize": synthesize,
+    "train": train,
+    "evaluate": evaluate,
+    "deploy": deploy,
+    "report": report,
+}
