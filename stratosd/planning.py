@@ -146,7 +146,8 @@ def plot_plan(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     if gone.any():
-        ax.scatter(cost[gone], lat[gone], marker="x", c="0.7", s=18, label="removed by constraints")
+        ax.scatter(cost[gone], lat[gone], marker="x", c="0.7", s=18,
+                   label="removed by constraints")
     ok = ~gone
     sc = ax.scatter(cost[ok], lat[ok], c=h[ok], cmap="viridis", s=26, alpha=0.85,
                     norm=LogNorm(vmin=max(h.min(), 1e-3), vmax=max(h.max(), 1e-2)),
@@ -156,9 +157,9 @@ def plot_plan(
         order = np.argsort(cost[front])
         ax.scatter(cost[front][order], lat[front][order], facecolors="none", edgecolors="k",
                    s=90, linewidths=1.2, label="Pareto-optimal")
-        for i in np.flatnonzero(front)[:25]:
-            ax.annotate(ids[i], (cost[i], lat[i]), fontsize=6, xytext=(4, 3),
-                        textcoords="offset points")
+        for j, i in enumerate(np.flatnonzero(front)[:25]):  # stagger labels of close points
+            ax.annotate(ids[i], (cost[i], lat[i]), fontsize=6, xytext=(6, 4 + 9 * (j % 4)),
+                        textcoords="offset points", arrowprops={"arrowstyle": "-", "lw": 0.4})
     ax.scatter([cost[pick]], [lat[pick]], marker="*", s=320, c="red", edgecolors="k",
                label=f"pick: {selection.chosen.id}", zorder=5)
     if cost.min() > 0 and cost.max() / cost.min() > 20:

@@ -1,0 +1,549 @@
+"""What every server selector shares: the three objectives, hard constraints, normalisation
+and a vectorised Pareto front.
+
+Hardware capability H (bigger is better), in dense bf16 TFLOP/s-equivalents::
+
+    H = T(gpu_model) * gpu_count ** 0.9 * (gpu_mem_GiB / 80) ** 0.25      (GPU hosts)
+    H = 0.05 * cpu_count                                                  (CPU-only hosts)
+
+T is the model's dense (no sparsity) bf16 tensor throughput from `GPU_TFLOPS` (fp16 for T4
+and V100, which lack bf16); an unknown model counts as `UNKNOWN_GPU_TFLOPS`. The count
+exponent 0.9 charges data-parallel training for its communication; the memory factor (1.0 at
+80 GiB, 0.74 at 24 GiB, 1.15 at 141 GiB; 1.0 when memory is unknown) lets memory refine the
+score without dominating it. `offer.hardware_score`, when set, replaces the formula.
+
+Job cost C (smaller is better), in $ for this job::
+
+    hours = est_train_hours * 312 / H + 0.25          C = price_usd_per_hour * hours
+
+`est_train_hours` is the training time on the reference server, one A100 80GB (H = 312);
+training is taken as compute-bound, so a server with score H needs 312 / H times as long.
+`SETUP_HOURS` (0.25 h) is billed time no hardware speeds up: provisioning, image and model
+download, loading. Without it an 8x H100 box would look cheaper than one L40S for a half-hour
+job. C is the job cost, not the hourly price: a server twice as expensive per hour that
+finishes three times sooner is the cheaper choice; `budget_usd` limits this same number.
+
+Latency L (smaller is better): `offer.latency_ms`: measured by agents, estimated from the
+region by offer catalogs.
+
+Hard constraints come first: each active constraint removes the offers that break it (an
+offer is charged to the first constraint it breaks, in `CONSTRAINT_ORDER`), and when nothing
+is left, `Infeasible` names the binding constraint and the nearest option.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from operator import attrgetter
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from schemas.specs import Constraints, ServerOffer
+from stratosd.errors import Infeasible
+
+FloatArray = NDArray[np.float64]
+BoolArray = NDArray[np.bool_]
+IntArray = NDArray[np.int64]
+
+# (name, regex on the normalised model string, dense bf16 TFLOP/s per GPU); first match wins,
+# so longer names come before their prefixes (a100 before a10, l40s before l4).
+GPU_TFLOPS: tuple[tuple[str, str, float], ...] = (
+    ("B200", r"\bb200\b", 2250.0),
+    ("MI300X", r"\bmi300x\b", 1307.0),
+    ("H200", r"\bg?h200\b", 989.0),
+    ("H100 PCIe", r"\bh100 (?:\w+ )*pcie\b", 756.0),
+    ("H100", r"\bh100\b", 989.0),
+    ("A100", r"\ba100\b", 312.0),
+    ("RTX 6000 Ada", r"\b6000 ada\b", 364.0),
+    ("L40S", r"\bl40s\b", 362.0),
+    ("L40", r"\bl40\b", 181.0),
+    ("L4", r"\bl4\b", 121.0),
+    ("RTX A6000", r"\ba6000\b", 155.0),
+    ("A40", r"\ba40\b", 150.0),
+    ("A10G", r"\ba10g\b", 70.0),
+    ("A10", r"\ba10\b", 125.0),
+    ("V100", r"\bv100\b", 125.0),
+    ("T4", r"\bt4\b", 65.0),
+    ("RTX 4090", r"\b4090\b", 165.0),
+    ("RTX 3090", r"\b3090\b", 71.0),
+)
+UNKNOWN_GPU_TFLOPS = 30.0
+CPU_TFLOPS_PER_CORE = 0.05
+COUNT_EXPONENT = 0.9
+MEM_REFERENCE_GIB = 80.0
+MEM_EXPONENT = 0.25
+REFERENCE_SERVER = "1x A100 80GB"
+REFERENCE_SCORE = 312.0
+SETUP_HOURS = 0.25
+MIN_SCORE = 1e-3  # keeps hours finite for a host that scores zero
+
+CONSTRAINT_ORDER = (
+    "status", "region", "min_gpu_mem_mib", "max_price_usd_per_hour", "max_latency_ms",
+    "budget_usd",
+)
+_PRUNE_GRID = 32  # bands per axis of the pruning grid (independent of PFG's K)
+_PRUNE_MIN = 2048  # below this many rows the exact sweep alone is faster
+_FINE = 1 << 16  # uniform bins per column behind the equal-count pruning bands
+_BASE_BLOCK = 16  # CDQ levels below this block size run as one brute-force pass
+_CATEGORICAL_GAP = 1e6  # ranks a wrong region/status behind any numeric shortfall
+
+_GPU_PATTERNS = [(name, re.compile(p), tf) for name, p, tf in GPU_TFLOPS]
+_VENDOR_WORDS = re.compile(r"\b(?:nvidia|geforce|tesla|amd|instinct|radeon)\b")
+
+
+@lru_cache(maxsize=4096)
+def gpu_spec(model: str) -> tuple[str, float]:
+    """Canonical name and dense bf16 TFLOP/s of a GPU model string ('' and a default)."""
+    norm = _VENDOR_WORDS.sub(" ", re.sub(r"[^a-z0-9]+", " ", model.lower()))
+    norm = " ".join(norm.split())
+    for name, pattern, tflops in _GPU_PATTERNS:
+        if pattern.search(norm):
+            return name, tflops
+    return "", UNKNOWN_GPU_TFLOPS
+
+
+def _scores(override: FloatArray, tflops: FloatArray, count: FloatArray, mem_mib: FloatArray,
+            cpus: FloatArray) -> FloatArray:
+    mem_factor = np.where(
+        mem_mib > 0, (np.maximum(mem_mib, 1.0) / 1024.0 / MEM_REFERENCE_GIB) ** MEM_EXPONENT, 1.0
+    )
+    gpu = tflops * np.maximum(count, 1.0) ** COUNT_EXPONENT * mem_factor
+    h = np.where(count > 0, gpu, CPU_TFLOPS_PER_CORE * cpus)
+    h = np.where(np.isnan(override), h, override)
+    return np.maximum(h, MIN_SCORE)
+
+
+def hardware_score(offer: ServerOffer) -> float:
+    """H of one offer (see the module docstring)."""
+    return float(hardware_scores([offer])[0])
+
+
+def hardware_scores(offers: Sequence[ServerOffer]) -> FloatArray:
+    """H of many offers, vectorised."""
+    cols = _columns(offers)
+    return _scores(cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3], cols[:, 4])
+
+
+def train_hours(score: FloatArray | float, est_train_hours: float) -> FloatArray:
+    """Billed hours of the job on servers with these scores (reference: 1x A100 80GB)."""
+    speed = REFERENCE_SCORE / np.maximum(score, MIN_SCORE)
+    return np.asarray(est_train_hours * speed + SETUP_HOURS)
+
+
+def _columns(offers: Sequence[ServerOffer]) -> FloatArray:
+    """override, tflops, count, mem, cpus, price, latency, up: (n, 8), one C-level pass each."""
+    n = len(offers)
+    out = np.empty((8, n), dtype=np.float64)
+
+    def column(name: str) -> Iterator[Any]:
+        return map(attrgetter(name), offers)
+
+    # a float array turns None into nan: "no override"
+    out[0] = np.array(list(column("hardware_score")), dtype=np.float64).reshape(n)
+    out[1] = np.fromiter(map(_gpu_tflops, column("gpu_model")), np.float64, n)
+    for row, name in enumerate(
+        ("gpu_count", "gpu_mem_mib", "cpu_count", "price_usd_per_hour", "latency_ms"), start=2
+    ):
+        out[row] = np.fromiter(column(name), np.float64, n)
+    out[7] = np.fromiter(map("up".__eq__, column("status")), np.float64, n)
+    return out.T
+
+
+def _gpu_tflops(model: str) -> float:
+    return gpu_spec(model)[1]
+
+
+def region_matches(region: str, wanted: str) -> bool:
+    """`eu` matches `eu-west` and `eu`; `eu-west` matches only itself (case-insensitive)."""
+    region, wanted = region.lower(), wanted.lower()
+    return region == wanted or region.startswith(wanted + "-")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The offers left after the hard constraints, with their objectives as arrays."""
+
+    source: Sequence[ServerOffer]
+    index: IntArray  # positions in source of the feasible offers
+    hardware: FloatArray
+    price: FloatArray
+    hours: FloatArray
+    job_usd: FloatArray
+    latency_ms: FloatArray
+    removed: dict[str, list[str]]
+    total: int
+    est_train_hours: float
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def offer(self, i: int) -> ServerOffer:
+        """The i-th feasible offer."""
+        return self.source[int(self.index[i])]
+
+    def minimised(self) -> FloatArray:
+        """(n, 3) raw objectives, all to be minimised: -H, job $, latency ms."""
+        return np.column_stack((-self.hardware, self.job_usd, self.latency_ms))
+
+    def normalised(self) -> FloatArray:
+        """(n, 3) objectives scaled to [0, 1] over the candidates, 0 = best (the ideal point).
+
+        Columns: hardware shortfall (max H - H) / range, cost, latency; a column whose
+        candidates all agree is 0.
+        """
+        return normalise(self.minimised())
+
+
+def normalise(points: FloatArray, reference: FloatArray | None = None) -> FloatArray:
+    """Min-max scale each column to [0, 1] (0 = best) using the ranges of `reference` rows
+    (default: all rows), clipping values outside; constant columns become 0."""
+    ref = points if reference is None else reference
+    lo = ref.min(axis=0)
+    span = ref.max(axis=0) - lo
+    safe = np.where(span > 0, span, 1.0)
+    out: FloatArray = np.clip((points - lo) / safe, 0.0, 1.0)
+    return out
+
+
+def filter_offers(
+    offers: Sequence[ServerOffer], constraints: Constraints, est_train_hours: float
+) -> Candidates:
+    """Apply the hard constraints; raise Infeasible naming the binding one when none is left."""
+    if est_train_hours < 0 or not math.isfinite(est_train_hours):
+        raise Infeasible(f"est_train_hours must be a finite number >= 0, got {est_train_hours}",
+                         hint="fix est_train_hours in the job", field="est_train_hours")
+    if not offers:
+        raise Infeasible(
+            "no servers to choose from: no agent is connected and no offer catalog has offers",
+            hint="start stratos-agent on a host, or add a catalog with STRATOS_OFFER_CATALOGS",
+        )
+    cols = _columns(offers)
+    hardware = _scores(cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3], cols[:, 4])
+    hours = train_hours(hardware, est_train_hours)
+    price, latency = cols[:, 5], cols[:, 6]
+    job = price * hours
+    checks = _checks(offers, constraints, cols, job)
+    ids = list(map(attrgetter("id"), offers))
+    left = np.ones(len(offers), dtype=bool)
+    removed: dict[str, list[str]] = {}
+    for name, ok, _gap in checks:
+        gone = left & ~ok
+        removed[name] = [ids[i] for i in np.flatnonzero(gone)]
+        left &= ok
+    if not left.any():
+        raise _infeasible(offers, constraints, checks, job, hardware, latency)
+    idx = np.flatnonzero(left).astype(np.int64)
+    return Candidates(
+        source=offers, index=idx, hardware=hardware[idx], price=price[idx], hours=hours[idx],
+        job_usd=job[idx], latency_ms=latency[idx], removed=removed, total=len(offers),
+        est_train_hours=est_train_hours,
+    )
+
+
+def _checks(
+    offers: Sequence[ServerOffer], c: Constraints, cols: FloatArray, job: FloatArray
+) -> list[tuple[str, BoolArray, FloatArray]]:
+    """(constraint, passes, relative shortfall) for each active constraint, in order."""
+    out: list[tuple[str, BoolArray, FloatArray]] = []
+    cat = np.full(len(offers), _CATEGORICAL_GAP)
+    finite = np.isfinite(job) & np.isfinite(cols[:, 6])
+    out.append(("status", (cols[:, 7] > 0) & finite, cat))
+    if c.region:
+        wanted = c.region
+        out.append(("region", np.array([region_matches(o.region, wanted) for o in offers]), cat))
+
+    def numeric(name: str, value: FloatArray, limit: float, upper: bool) -> None:
+        excess = (value - limit) if upper else (limit - value)
+        out.append((name, excess <= 1e-12 * max(limit, 1.0), excess / max(limit, 1e-9)))
+
+    if c.min_gpu_mem_mib > 0:
+        mem = np.where(cols[:, 2] > 0, cols[:, 3], 0.0)
+        numeric("min_gpu_mem_mib", mem, float(c.min_gpu_mem_mib), upper=False)
+    if c.max_price_usd_per_hour is not None:
+        numeric("max_price_usd_per_hour", cols[:, 5], c.max_price_usd_per_hour, upper=True)
+    if c.max_latency_ms is not None:
+        numeric("max_latency_ms", cols[:, 6], c.max_latency_ms, upper=True)
+    if c.budget_usd is not None:
+        numeric("budget_usd", job, c.budget_usd, upper=True)
+    return out
+
+
+def _infeasible(
+    offers: Sequence[ServerOffer],
+    c: Constraints,
+    checks: list[tuple[str, BoolArray, FloatArray]],
+    job: FloatArray,
+    hardware: FloatArray,
+    latency: FloatArray,
+) -> Infeasible:
+    """The nearest option breaks the fewest constraints, then by the smallest shortfall."""
+    fails = np.column_stack([~ok for _n, ok, _g in checks])
+    gaps = np.column_stack([np.where(~ok, g, 0.0) for _n, ok, g in checks])
+    nfail = fails.sum(axis=1)
+    ids = np.array([o.id for o in offers], dtype=object)
+    safe_job = np.where(np.isfinite(job), job, np.inf)
+    order = np.lexsort((ids, safe_job, gaps.sum(axis=1), nfail))
+    best = int(order[0])
+    offer = offers[best]
+    names = [checks[j][0] for j in np.flatnonzero(fails[best])]
+    what = {
+        "budget_usd": f"${job[best]:.2f} for this job",
+        "max_latency_ms": f"{latency[best]:.0f} ms latency",
+        "max_price_usd_per_hour": f"${offer.price_usd_per_hour:.2f}/h",
+        "min_gpu_mem_mib": f"{offer.gpu_mem_mib if offer.gpu_count else 0} MiB per GPU",
+        "region": f"region {offer.region or '?'}",
+        "status": "status down",
+    }
+    if len(names) == 1:
+        name = names[0]
+        message, hint = _single_message(name, c, offer, float(job[best]), float(latency[best]))
+    else:
+        listed = " and ".join(names)
+        needs = ", ".join(f"{n}: {what[n]}" for n in names)
+        message = (
+            f"no server meets {listed} together: the nearest option is {offer.id} ({needs})"
+        )
+        hint = f"relax one of {', '.join(names)}, or add servers"
+        name = names[0]
+    return Infeasible(message, hint=hint, field=f"constraints.{name}")
+
+
+def _single_message(
+    name: str, c: Constraints, offer: ServerOffer, job: float, latency: float
+) -> tuple[str, str]:
+    oid = offer.id
+    if name == "budget_usd":
+        return (
+            f"budget ${c.budget_usd:.2f} too low: the cheapest server meeting the other "
+            f"constraints costs ${job:.2f} for this job ({oid})",
+            f"raise budget_usd to at least ${job:.2f}, or lower est_train_hours",
+        )
+    if name == "max_latency_ms":
+        return (
+            f"max latency {c.max_latency_ms:g} ms too low: the fastest server meeting the other "
+            f"constraints answers in {latency:.0f} ms ({oid}, {offer.region or 'unknown region'})",
+            f"raise max_latency_ms to at least {math.ceil(latency)}, or add servers nearer to "
+            "your users",
+        )
+    if name == "max_price_usd_per_hour":
+        return (
+            f"max price ${c.max_price_usd_per_hour:.2f}/h too low: the cheapest server meeting "
+            f"the other constraints costs ${offer.price_usd_per_hour:.2f}/h ({oid})",
+            f"raise max_price_usd_per_hour to at least ${offer.price_usd_per_hour:.2f}",
+        )
+    if name == "min_gpu_mem_mib":
+        mem = offer.gpu_mem_mib if offer.gpu_count else 0
+        return (
+            f"min GPU memory {c.min_gpu_mem_mib} MiB too high: the largest GPU meeting the "
+            f"other constraints has {mem} MiB ({oid})",
+            f"lower min_gpu_mem_mib to {mem}, or add servers with larger GPUs",
+        )
+    if name == "region":
+        return (
+            f"no server in region {c.region!r} meets the other constraints: the nearest "
+            f"option is {oid} in {offer.region or 'an unknown region'}",
+            f"drop or change `region` (e.g. region = {offer.region!r})",
+        )
+    return (
+        f"every server meeting the other constraints is down: the nearest is {oid}",
+        "start stratos-agent on that host again, or wait for its heartbeat",
+    )
+
+
+# --- Pareto front -----------------------------------------------------------------------
+
+
+def pareto_mask(points: FloatArray, *, prune_grid: int | None = None) -> BoolArray:
+    """Non-dominated rows of an (n, 3) array where every column is minimised.
+
+    A row is dominated when another row is <= on every column and < on one; identical rows
+    never dominate each other, so all copies of a non-dominated triplet are kept.
+    Steps: (1) drop rows whose grid cell is strictly dominated by an occupied cell (every
+    point there is dominated; `prune_grid` bands per axis, 32 by default above 2048 rows; up
+    to three rounds, each re-banding the survivors);
+    (2) dedupe triplets; (3) an exact O(m log m) sweep on the rest (`_dominated_sorted`).
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise ValueError(f"expected an (n, 3) array, got shape {pts.shape}")
+    if not np.isfinite(pts).all():
+        raise ValueError("objectives must be finite")
+    n = len(pts)
+    mask = np.zeros(n, dtype=bool)
+    if n == 0:
+        return mask
+    grid = prune_grid if prune_grid is not None else (_PRUNE_GRID if n > _PRUNE_MIN else 0)
+    idx = np.arange(n)
+    for _round in range(3 if grid >= 2 else 0):  # survivors get finer bands next round
+        keep = ~_cell_dominated(pts[idx], grid)
+        idx = idx[keep]
+        if keep.mean() > 0.8 or (prune_grid is None and len(idx) <= _PRUNE_MIN):
+            break
+    sub = pts[idx]
+    order = np.lexsort((sub[:, 2], sub[:, 1], sub[:, 0]))
+    srt = sub[order]
+    first = np.ones(len(srt), dtype=bool)
+    first[1:] = np.any(srt[1:] != srt[:-1], axis=1)
+    group = np.cumsum(first) - 1
+    dominated = _dominated_sorted(srt[first])
+    mask[idx[order]] = ~dominated[group]
+    return mask
+
+
+def _bands(col: FloatArray, grid: int) -> IntArray:
+    """Equal-count bands 0..grid-1 of one column, monotone in the value.
+
+    Values go to `_FINE` uniform bins first (arithmetic, no sort); a histogram of those bins
+    then gives each bin the band of its cumulative count. Skewed or clustered columns (a few
+    8-GPU boxes, prices rounded to the cent) still spread over the grid.
+    """
+    lo = col.min()
+    span = col.max() - lo
+    if not span > 0:
+        return np.zeros(len(col), dtype=np.int64)
+    fine = ((col - lo) / span * (_FINE - 1)).astype(np.int64)  # values >= 0: trunc = floor
+    np.minimum(fine, _FINE - 1, out=fine)
+    counts = np.bincount(fine, minlength=_FINE)
+    table = (np.cumsum(counts) - counts) * grid // len(col)
+    out: IntArray = table[fine]
+    return out
+
+
+def _cell_dominated(pts: FloatArray, grid: int) -> BoolArray:
+    """Rows whose cell (grid bands per axis) has an occupied cell strictly below it on every
+    axis. Bands are monotone in each value, so a strictly lower band holds only strictly
+    smaller values: every point of a strictly dominated cell is dominated.
+    """
+    flat = np.zeros(len(pts), dtype=np.int64)
+    for axis in range(3):
+        flat = flat * grid + _bands(np.ascontiguousarray(pts[:, axis]), grid)
+    occupied = (np.bincount(flat, minlength=grid**3) > 0).reshape(grid, grid, grid)
+    reach = occupied
+    for axis in range(3):  # reach[i,j,k]: some occupied cell <= (i,j,k) on every axis
+        reach = np.logical_or.accumulate(reach, axis=axis)
+    dom = np.zeros_like(occupied)
+    dom[1:, 1:, 1:] = reach[:-1, :-1, :-1]
+    out: BoolArray = dom.reshape(-1)[flat]
+    return out
+
+
+def _dominated_sorted(u: FloatArray) -> BoolArray:
+    """Dominated rows of distinct rows sorted lexicographically (column 0 first).
+
+    Row i is dominated iff some earlier row j (so x_j <= x_i) has y_j <= y_i and z_j <= z_i.
+    Divide and conquer over positions (CDQ) answers min{z_j : j < i, y_j <= y_i} for every
+    i: at block size 2s the left half of each block feeds its right half through a
+    cumulative minimum in (block, y) order, with an offset per block so minima never leak
+    across blocks. Levels run top-down: one stable sort by y serves the top level, and each
+    level's order is split into the next level's (left halves, then right halves) by a
+    stable partition built from cumulative counts, in O(m). Blocks below `_BASE_BLOCK` are
+    checked by brute force. O(m log m) overall; every pair (j, i) is seen exactly once.
+    """
+    m = len(u)
+    if m <= 1:
+        return np.zeros(m, dtype=bool)
+    yr = np.unique(u[:, 1], return_inverse=True)[1].astype(np.int64).reshape(-1)
+    zr = np.unique(u[:, 2], return_inverse=True)[1].astype(np.int64).reshape(-1)
+    none = int(zr.max()) + 1  # "no left point yet"
+    offset = none + 1
+    best = np.full(m, none, dtype=np.int64)
+    best[_dominated_in_blocks(yr, zr, _BASE_BLOCK)] = -1
+    perm = np.argsort(yr, kind="stable")  # (y, position) order within the one top block
+    t = np.arange(m, dtype=np.int64)
+    level = (m - 1).bit_length() - 1  # s = 2**level, the largest power of two below m
+    while (1 << level) >= _BASE_BLOCK:
+        s = 1 << level
+        # perm is sorted by (position // 2s, y, position); blocks are contiguous, 2s long,
+        # so the block of perm[t] is t // 2s
+        block = t >> (level + 1)
+        right = ((perm >> level) & 1).astype(bool)
+        shift = block * offset
+        vals = np.where(right, none, zr[perm]) - shift
+        running = np.minimum.accumulate(vals) + shift
+        target = perm[right]
+        best[target] = np.minimum(best[target], running[right])
+        if s == _BASE_BLOCK:
+            break
+        start = block << (level + 1)
+        rights = np.concatenate(([0], np.cumsum(right)))
+        right_rank = rights[:-1] - rights[start]  # right-half rows before t in its block
+        n_left = np.minimum(s, m - start)
+        new = start + np.where(right, n_left + right_rank, (t - start) - right_rank)
+        nxt = np.empty_like(perm)
+        nxt[new] = perm
+        perm = nxt
+        level -= 1
+    out: BoolArray = best <= zr
+    return out
+
+
+def _dominated_in_blocks(yr: IntArray, zr: IntArray, size: int) -> BoolArray:
+    """CDQ's first levels by brute force: dominated by an earlier row of the same block."""
+    m = len(yr)
+    pad = -m % size
+    y = np.concatenate((yr, np.full(pad, np.iinfo(np.int64).max))).reshape(-1, size)
+    z = np.concatenate((zr, np.full(pad, np.iinfo(np.int64).max))).reshape(-1, size)
+    earlier = np.tri(size, size, -1, dtype=bool).T  # earlier[j, i]: j < i
+    hit = (y[:, :, None] <= y[:, None, :]) & (z[:, :, None] <= z[:, None, :]) & earlier
+    out: BoolArray = hit.any(axis=1).reshape(-1)[:m]
+    return out
+
+
+def pareto_mask_bruteforce(points: FloatArray) -> BoolArray:
+    """O(n^2) reference for tests: not dominated by any other row."""
+    p = np.asarray(points, dtype=np.float64)
+    le = (p[:, None, :] <= p[None, :, :]).all(axis=2)  # le[j, i]: j <= i everywhere
+    lt = (p[:, None, :] < p[None, :, :]).any(axis=2)
+    out: BoolArray = np.logical_not((le & lt).any(axis=0))
+    return out
+
+
+def describe_removed(removed: dict[str, list[str]], limit: int = 4) -> str:
+    """'max_latency_ms removed 2 (a, b), budget_usd removed none' in plain words."""
+    parts = []
+    for name, ids in removed.items():
+        if name == "status" and not ids:
+            continue
+        if not ids:
+            parts.append(f"{name} removed none")
+            continue
+        more = f", +{len(ids) - limit} more" if len(ids) > limit else ""
+        shown = ", ".join(ids[:limit]) + more
+        parts.append(f"{name} removed {len(ids)} ({shown})")
+    return "; ".join(parts) if parts else "no constraint removed anything"
+
+
+def describe_cost_model(est_train_hours: float) -> str:
+    """One sentence on how job cost is estimated (see the module docstring)."""
+    return (
+        f"Job cost = $/h x billed hours, where billed hours = {est_train_hours:g} h on "
+        f"{REFERENCE_SERVER} scaled by {REFERENCE_SCORE:g} / H, plus {SETUP_HOURS:g} h setup."
+    )
+
+
+def offer_summary(c: Candidates, i: int) -> dict[str, Any]:
+    """Objectives of the i-th candidate, for Selection.details."""
+    return {
+        "id": c.offer(i).id,
+        "hardware_score": round(float(c.hardware[i]), 3),
+        "price_usd_per_hour": round(float(c.price[i]), 4),
+        "est_hours": round(float(c.hours[i]), 4),
+        "est_job_usd": round(float(c.job_usd[i]), 4),
+        "latency_ms": round(float(c.latency_ms[i]), 2),
+    }
+
+
+def describe_offer(c: Candidates, i: int) -> str:
+    """'1x A100 (H=312), $1.29/h, ~$0.65 for this job (0.50 h), 12 ms' for a candidate."""
+    o = c.offer(i)
+    hw = f"{o.gpu_count}x {o.gpu_model}" if o.gpu_count else f"CPU-only, {o.cpu_count} cores"
+    return (
+        f"{hw} (H={c.hardware[i]:.0f}), ${c.price[i]:.2f}/h, about ${c.job_usd[i]:.2f} for this "
+        f"job ({c.hours[i]:.2f} h), {c.latency_ms[i]:.0f} ms"
+    )
