@@ -1,0 +1,1 @@
+"""Model helpers shared by steps and plugins: loading, generation, evaluation."""

@@ -1,0 +1,169 @@
+"""The deploy step end to end with the built-in server, and the vLLM deployer's guard rails."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from agents.stepctx import StepContext
+from agents.steps import deploy
+from plugins.deployers.vllm import VllmDeployer
+from plugins.models import hf
+from stratosd.api import DeployContext
+from stratosd.errors import ConfigError, MissingDependency
+
+
+class LineQueue:
+    """A StepContext channel that hands each protocol line to the test as it is written."""
+
+    def __init__(self) -> None:
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            self.lines.put(json.loads(line))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def wait_for(self, kind: str, timeout: float = 45.0) -> dict[str, Any]:
+        while True:
+            msg = self.lines.get(timeout=timeout)
+            if msg["kind"] == kind:
+                return msg
+
+
+@pytest.fixture
+def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("STRATOS_HOME", str(tmp_path / "home"))
+    return hf.resolve_model("config:tiny")
+
+
+class Running:
+    """A deploy step running in a thread with a stop flag the test controls."""
+
+    def __init__(self, ctx: StepContext, stop: threading.Event) -> None:
+        self.ctx, self.stop = ctx, stop
+        self.result: dict[str, Any] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = deploy.run(self.ctx)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self.error = exc
+            self.ctx.send("error", message=str(exc))
+
+    def finish(self) -> dict[str, Any]:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@pytest.fixture
+def start_step(tmp_path: Path) -> Iterator[Any]:
+    running: list[Running] = []
+
+    def start(args: dict[str, Any], inputs: dict[str, Path] | None = None) -> tuple[Running,
+                                                                                    LineQueue]:
+        chan = LineQueue()
+        stop = threading.Event()
+        ctx = StepContext(job_id="j1", run_id="r1", step="deploy", args=args,
+                          workdir=tmp_path / f"w{len(running)}", inputs=inputs or {},
+                          channel=chan, stop_flag=stop.is_set)  # type: ignore[arg-type]
+        run = Running(ctx, stop)
+        running.append(run)
+        return run, chan
+
+    yield start
+    for run in running:
+        run.stop.set()
+        run.thread.join(timeout=30)
+
+
+def test_deploy_builtin_serves_until_stopped(tiny: str, start_step: Any) -> None:
+    run, chan = start_step({"deployer": "builtin", "model": tiny, "served_name": "student",
+                            "load_requests": 3, "load_max_tokens": 4})
+    ready = chan.wait_for("ready")
+    assert ready["model"] == "student" and ready["deployer"] == "builtin"
+    metrics = ready["metrics"]
+    assert metrics["load_requests"] == 3 and metrics["load_errors"] == 0
+    assert metrics["latency_ms_p95"] >= metrics["latency_ms_p50"] > 0
+    assert metrics["tokens_per_s"] > 0
+
+    client = openai.OpenAI(base_url=ready["url"], api_key="unused", max_retries=0)
+    resp = client.chat.completions.create(
+        model="student", messages=[{"role": "user", "content": "1+1="}], max_tokens=3)
+    assert resp.usage.completion_tokens >= 1
+    assert run.thread.is_alive()  # still serving
+
+    result = run.finish()
+    assert result["stopped"] is True and result["url"] == ready["url"]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(ready["url"] + "/models", timeout=2)
+
+
+def test_deploy_an_adapter_input(tiny: str, tmp_path: Path, start_step: Any) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = hf.load_model(tiny, for_training=True)
+    adapter = tmp_path / "adapter"
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    run, chan = start_step({"model": "config:tiny", "served_name": "lora", "load_requests": 0},
+                           inputs={"model": adapter})
+    ready = chan.wait_for("ready")
+    models = httpx.get(ready["url"] + "/models").json()["data"]
+    assert [m["id"] for m in models] == ["lora"]
+    assert run.finish()["stopped"] is True
+
+
+def test_unknown_deployer_names_the_field(tmp_path: Path) -> None:
+    ctx = StepContext(job_id="j1", run_id="r1", step="deploy", workdir=tmp_path, inputs={},
+                      args={"deployer": "nope", "model": "config:tiny"})
+    with pytest.raises(ConfigError) as info:
+        deploy.run(ctx)
+    assert info.value.field == "deployer"
+
+
+def test_vllm_says_why_it_cannot_run_here(tmp_path: Path) -> None:
+    reason = VllmDeployer().unavailable_reason()
+    if reason is None:
+        pytest.skip("vllm and a CUDA GPU are present")
+    assert "stratos[vllm]" in reason or "CUDA" in reason
+    ctx = StepContext(job_id="j1", run_id="r1", step="deploy", workdir=tmp_path, inputs={},
+                      args={"deployer": "vllm", "model": "config:tiny"})
+    with pytest.raises(MissingDependency, match="cannot run on this host"):
+        deploy.run(ctx)
+    with pytest.raises(MissingDependency):
+        VllmDeployer().serve(DeployContext(model="config:tiny", adapter=None, host="127.0.0.1",
+                                           port=0, served_name="s"))
+
+
+def test_vllm_command_serves_an_adapter_on_its_base(tiny: str, tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "config:tiny", "r": 16}))
+    ctx = DeployContext(model="config:tiny", adapter=adapter, host="0.0.0.0", port=8001,
+                        served_name="student", params={"max_model_len": 1024})
+    cmd = VllmDeployer().command(ctx, 8001)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--model") + 1] == tiny  # config: refs resolve to a local dir
+    assert cmd[cmd.index("--lora-modules") + 1] == f"student={adapter}"
+    assert "--enable-lora" in cmd and cmd[cmd.index("--max-lora-rank") + 1] == "16"
+    assert cmd[cmd.index("--max-model-len") + 1] == "1024"
+    assert cmd[cmd.index("--port") + 1] == "8001"
