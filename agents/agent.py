@@ -83,7 +83,8 @@ class Agent:
             except (NotImplementedError, RuntimeError):
                 pass
         self._gpus = await asyncio.to_thread(telemetry.gpus)
-        self.bus = Bus(await connect(self.config, f"stratos-agent-{self.agent_id}"))
+        self.bus = Bus(await connect(self.config, f"stratos-agent-{self.agent_id}",
+                                     retry_for_s=30.0))
         work = self.config.work_path
         work.mkdir(parents=True, exist_ok=True)
         self.runner = Runner(self.bus, self.agent_id, work, max_jobs=self.config.max_jobs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import os
 import shutil
@@ -129,7 +130,8 @@ class Runner:
                            hint="wait, or raise max_jobs in the agent config")
         job = Job(cmd, self.work_dir / "jobs" / cmd.job_id)
         self.jobs[cmd.job_id] = job
-        job.task = asyncio.create_task(self._run(job), name=f"job-{cmd.job_id}")
+        job.task = asyncio.create_task(self._run(job), name=f"job-{cmd.job_id}",
+                                       context=contextvars.Context())
         return job
 
     async def _fetch_inputs(self, job: Job) -> dict[str, str]:

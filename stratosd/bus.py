@@ -30,14 +30,20 @@ log = structlog.stdlib.get_logger(__name__)
 MAX_ARTIFACT_BYTES = 2 * 1024**3
 
 
-async def connect(config: StratosConfig, name: str, url: str | None = None) -> Client:
-    """Connect to NATS with credentials from config/env; reconnect forever once connected."""
+async def connect(
+    config: StratosConfig, name: str, url: str | None = None, *, retry_for_s: float = 0.0
+) -> Client:
+    """Connect to NATS with credentials from config/env; reconnect forever once connected.
+
+    The first connection is tried for about retry_for_s (at least once), so a CLI fails fast
+    and an agent started just before its server still gets in.
+    """
     url = url or config.resolved_nats_url()
     opts: dict[str, Any] = {
         "servers": [url],
         "name": name,
         "connect_timeout": config.connect_timeout_s,
-        "max_reconnect_attempts": -1,
+        "max_reconnect_attempts": max(1, int(retry_for_s / 0.5)),
         "reconnect_time_wait": 0.5,
         "allow_reconnect": True,
     }
@@ -53,19 +59,21 @@ async def connect(config: StratosConfig, name: str, url: str | None = None) -> C
         opts["tls"] = ctx
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats_error", error=str(exc))
+        log.info("nats_error", error=str(exc) or type(exc).__name__)
 
     async def on_disconnect() -> None:
-        log.warning("nats_disconnected", url=url)
+        log.info("nats_disconnected", url=url)
 
     async def on_reconnect() -> None:
         log.info("nats_reconnected", url=url)
 
     try:
-        return await nats.connect(
+        nc = await nats.connect(
             error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
             **opts,
         )
+        nc.options["max_reconnect_attempts"] = -1  # once in, never give up
+        return nc
     except Exception as exc:  # noqa: BLE001 - nats raises many kinds; all mean "unreachable"
         raise BusUnavailable(
             f"cannot connect to NATS at {url}: {exc or type(exc).__name__}",

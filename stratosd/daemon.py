@@ -134,7 +134,7 @@ class Daemon:
 
     async def _serve(self) -> None:
         cfg = self.config
-        self.bus = Bus(await connect(cfg, "stratosd", self.url))
+        self.bus = Bus(await connect(cfg, "stratosd", self.url, retry_for_s=30.0))
         await self.bus.ensure_streams()
         self.store = RunStore(self.bus)
         self.dispatch = Dispatcher(self.bus, ack_timeout_s=cfg.job_ack_timeout_s,

@@ -161,6 +161,21 @@ class Fleet:
                 n += 1
         return n
 
+    async def wait_up(self, agent_id: str, timeout: float | None = None) -> bool:
+        """Wait until a known agent reports (after a daemon restart, agents are 'down' until
+        their next heartbeat). Default timeout: the agent's heartbeat window."""
+        import asyncio
+
+        st = self.agents.get(agent_id)
+        if st is None:
+            return False
+        if timeout is None:
+            timeout = self.missed_heartbeats * st.telemetry.interval_s
+        deadline = time.monotonic() + timeout
+        while not self.is_up(agent_id) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return self.is_up(agent_id)
+
     def is_up(self, agent_id: str) -> bool:
         """True when the agent is live."""
         st = self.agents.get(agent_id)

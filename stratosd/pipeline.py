@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -127,7 +128,9 @@ class Pipeline:
         """Start (or restart) the run's task."""
         if run_id in self.tasks and not self.tasks[run_id].done():
             return
-        self.tasks[run_id] = asyncio.create_task(self._drive(run_id), name=f"run-{run_id}")
+        # a fresh context: the submit handler's bound log fields must not follow the run
+        self.tasks[run_id] = asyncio.create_task(self._drive(run_id), name=f"run-{run_id}",
+                                                 context=contextvars.Context())
 
     async def resume_all(self) -> list[str]:
         """Restart every queued/running run from its stored stage."""
@@ -212,6 +215,7 @@ class Pipeline:
                             await self._fail(run, stage, exc)
                             return
                         log.warning("stage_retry", attempt=attempt, error=exc.message)
+                        await asyncio.sleep(min(30.0, 2.0**attempt))  # backoff before retrying
                         attempt += 1
                         continue
                     except StratosError as exc:

@@ -60,7 +60,7 @@ async def agent_for(ctx: StageRun) -> str:
     """The run's agent; if it is down, re-select among the live ones and remember that."""
     svc = services(ctx)
     current = ctx.run.progress.get("agent_id") or ctx.result("select_server").get("agent_id")
-    if current and svc.fleet.is_up(current):
+    if current and await svc.fleet.wait_up(current):
         return str(current)
     excluded = sorted(set(ctx.run.progress.get("excluded_agents", [])) | {current} - {None})
     offers = [o for o in svc.fleet.offers() if o.id not in excluded]
@@ -89,7 +89,8 @@ async def run_job(
         if known is not None and known.state in ("completed", "serving", "failed"):
             svc.dispatch.raise_for(job_id, known)
             return known
-        status = await svc.dispatch.status(agent_id, job_id) if svc.fleet.is_up(agent_id) else None
+        up = await svc.fleet.wait_up(agent_id)
+        status = await svc.dispatch.status(agent_id, job_id) if up else None
         if status is not None and status.state == "completed":
             return Outcome("completed", dict(status.result), dict(status.artifacts))
         if status is None or status.state not in ("queued", "running"):

@@ -126,7 +126,8 @@ class Proc:
 
     def output(self) -> str:
         """Everything it printed so far."""
-        self.fh.flush()
+        if not self.fh.closed:
+            self.fh.flush()
         return self.log.read_text(errors="replace")
 
 

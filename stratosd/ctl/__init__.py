@@ -20,7 +20,7 @@ typical session:
 """
 
 COMMANDS = ("servers", "submit", "jobs", "watch", "cancel", "plugins", "plan", "eval",
-            "endpoints", "report", "auth")
+            "endpoints", "report", "auth", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from stratosd.errors import RemoteError, StratosError
+    from stratosd.logging import configure_logging
 
+    configure_logging("debug" if args.verbose else "error", "console", stream=sys.stderr)
     try:
         return int(args.func(args))
     except StratosError as exc:

@@ -81,7 +81,8 @@ def follow(args: argparse.Namespace, run_id: str) -> int:
         tty = sys.stdout.isatty()
         progress_shown = False
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + args.timeout if args.timeout else None
+        timeout_s = getattr(args, "timeout", 0) or 0
+        deadline = loop.time() + timeout_s if timeout_s else None
         try:
             while True:
                 timeout = None if deadline is None else max(0.01, deadline - loop.time())

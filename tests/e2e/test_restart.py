@@ -1,0 +1,105 @@
+"""Real daemon and agent processes: a daemon killed mid-run resumes it from KV after restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from schemas import subjects
+from schemas.base import decode_or_error
+from schemas.commands import GetRun, ListServers, SubmitRun
+from schemas.events import EVENT_DECODER, RunCompleted, RunStageStarted
+from stratosd.bus import Bus, connect
+from stratosd.config import StratosConfig
+from stratosd.validate import spec_from_data
+from tests.conftest import Proc
+from tests.e2e.jobs import tiny_spec
+
+pytestmark = pytest.mark.slow
+
+
+async def _bus(url: str) -> Bus:
+    return Bus(await connect(StratosConfig(nats_url=url), "test", retry_for_s=10))
+
+
+async def _daemon_ready(bus: Bus, timeout: float = 30) -> None:
+    async def loop() -> None:
+        while True:
+            try:
+                await bus.nc.request(f"$SRV.PING.{subjects.DAEMON_SERVICE}", b"", timeout=1)
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                await asyncio.sleep(0.2)
+    await asyncio.wait_for(loop(), timeout)
+
+
+async def _agent_up(bus: Bus, agent_id: str, timeout: float = 60) -> None:
+    async def loop() -> None:
+        while True:
+            servers = (await bus.request(subjects.daemon_cmd("servers"), ListServers())).servers
+            if any(s.offer.id == agent_id and s.offer.status == "up" for s in servers):
+                return
+            await asyncio.sleep(0.2)
+    await asyncio.wait_for(loop(), timeout)
+
+
+@pytest.mark.timeout(600)
+async def test_daemon_killed_mid_run_resumes(nats_url: str, tmp_path: Path) -> None:
+    env = {"STRATOS_HOME": str(tmp_path / "home")}
+    daemon = Proc(["-m", "stratosd", "--nats", nats_url, "--log-format", "json"],
+                  tmp_path / "d1.log", env)
+    agent = Proc(["-m", "agents", "--id", "cpu-1", "--nats", nats_url, "--interval", "0.5",
+                  "--log-format", "json"], tmp_path / "agent.log", env)
+    bus = await _bus(nats_url)
+    try:
+        await _daemon_ready(bus)
+        await _agent_up(bus, "cpu-1")
+        spec = spec_from_data(tiny_spec("restart"))
+        run_id = (await bus.request(subjects.daemon_cmd("submit"), SubmitRun(spec=spec))).ref
+        seen: list[object] = []
+        started = asyncio.Event()
+
+        async def cb(msg: object) -> None:
+            ev = decode_or_error(EVENT_DECODER, msg.data)  # type: ignore[attr-defined]
+            seen.append(ev)
+            if isinstance(ev, RunStageStarted) and ev.stage == "synthesize":
+                started.set()
+
+        sub = await bus.js.subscribe(subjects.run_events(run_id), cb=cb, ordered_consumer=True)
+        await asyncio.wait_for(started.wait(), 240)
+        daemon.kill()  # mid-run, with an agent job in flight
+        daemon2 = Proc(["-m", "stratosd", "--nats", nats_url, "--log-format", "json"],
+                       tmp_path / "d2.log", env)
+        try:
+            async def done() -> None:
+                while not any(isinstance(e, RunCompleted) for e in seen):
+                    await asyncio.sleep(0.2)
+            await asyncio.wait_for(done(), 420)
+            run = (await bus.request(subjects.daemon_cmd("run"), GetRun(run_id=run_id))).run
+            assert run.state == "completed", run.error
+            assert {"synthesize", "train", "evaluate", "report"} <= set(run.results)
+            assert "run_resumed" in daemon2.output()
+        finally:
+            await sub.unsubscribe()
+            daemon2.stop()
+        # events are replayable from the stream by a late watcher, in order
+        replay: list[str] = []
+
+        async def rcb(msg: object) -> None:
+            replay.append(json.loads(msg.data)["type"])  # type: ignore[attr-defined]
+
+        sub2 = await bus.js.subscribe(subjects.run_events(run_id), cb=rcb, ordered_consumer=True)
+        async def replayed() -> None:
+            while "run_completed" not in replay:
+                await asyncio.sleep(0.05)
+        await asyncio.wait_for(replayed(), 10)
+        await sub2.unsubscribe()
+        assert replay[0] == "run_submitted" and replay[-1] == "run_completed"
+        assert replay.count("run_stage_completed") >= 9
+    finally:
+        await bus.close()
+        agent.stop()
+        daemon.stop()
