@@ -30,9 +30,9 @@ OPERATOR_USER = "operator"
 AGENT_USER_PREFIX = "agent-"
 SERVER_CONFIG = "nats-server.conf"
 # Replies go to inboxes. With nats.py's shared default prefix any user allowed `_INBOX.>` can
-# read every reply on the bus; per-user prefixes close that (docs/security.md). Flip together
-# with `nats.connect(inbox_prefix=inbox_prefix(user))` in stratosd.bus.connect.
-PRIVATE_INBOXES = False
+# read every reply on the bus; per-user prefixes close that (docs/security.md).
+# stratosd.bus.connect passes inbox_prefix(user) whenever a user name is configured.
+PRIVATE_INBOXES = True
 BCRYPT_COST = 11
 
 _JS = "$JS.API"
@@ -143,7 +143,7 @@ def agent_user(agent_id: str) -> str:
 def hash_password(password: str) -> str:
     """bcrypt hash nats-server accepts in place of a password ($2b$, cost 11)."""
     try:
-        import bcrypt  # type: ignore[import-not-found]
+        import bcrypt
 
         return str(bcrypt.hashpw(password.encode(), bcrypt.gensalt(BCRYPT_COST)).decode())
     except ImportError:
