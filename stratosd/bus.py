@@ -50,16 +50,23 @@ async def connect(
     if config.nats_creds:
         opts["user_credentials"] = str(Path(config.nats_creds).expanduser())
     if config.nats_user:
+        from stratosd.auth import inbox_prefix
+
         opts["user"] = config.nats_user
         opts["password"] = config.nats_password() or ""
+        # a private reply prefix: other identities may not subscribe to our replies
+        opts["inbox_prefix"] = inbox_prefix(config.nats_user)
     if config.nats_tls_ca:
         import ssl
 
         ctx = ssl.create_default_context(cafile=config.nats_tls_ca)
         opts["tls"] = ctx
 
+    errors: list[str] = []
+
     async def on_error(exc: Exception) -> None:
-        log.info("nats_error", error=str(exc) or type(exc).__name__)
+        errors.append(str(exc) or type(exc).__name__)
+        log.info("nats_error", error=errors[-1])
 
     async def on_disconnect() -> None:
         log.info("nats_disconnected", url=url)
@@ -75,10 +82,13 @@ async def connect(
         nc.options["max_reconnect_attempts"] = -1  # once in, never give up
         return nc
     except Exception as exc:  # noqa: BLE001 - nats raises many kinds; all mean "unreachable"
-        raise BusUnavailable(
-            f"cannot connect to NATS at {url}: {exc or type(exc).__name__}",
-            hint="start stratosd (it embeds a server), or pass --nats URL / set STRATOS_NATS_URL",
-        ) from None
+        cause = errors[-1] if errors else str(exc) or type(exc).__name__
+        if "authorization" in cause.lower():
+            hint = "check STRATOS_NATS_USER and the password file (stratosctl auth init)"
+        else:
+            hint = ("start stratosd (it embeds a server), or pass --nats URL / set "
+                    "STRATOS_NATS_URL")
+        raise BusUnavailable(f"cannot connect to NATS at {url}: {cause}", hint=hint) from None
 
 
 class Bus:

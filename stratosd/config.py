@@ -25,7 +25,8 @@ class StratosConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     nats_url: str | None = None
     nats_creds: str | None = None  # a .creds file (nkeys/JWT)
     nats_user: str | None = None
-    nats_password_file: str | None = None  # password read from this file, or $STRATOS_NATS_PASSWORD
+    # the password is read from this file, or from $STRATOS_NATS_PASSWORD
+    nats_password_file: str | None = None
     nats_tls_ca: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -65,9 +66,13 @@ class DaemonConfig(StratosConfig, kw_only=True, forbid_unknown_fields=True):
     """Daemon settings. Without nats_url the daemon starts an embedded nats-server."""
 
     embedded_port: int = -1
+    embedded_host: str = "127.0.0.1"
+    # nats-server config for the embedded server (e.g. from `stratosctl auth init`)
+    embedded_config: str | None = None
     missed_heartbeats: Annotated[int, Meta(ge=1)] = 3
     liveness_check_s: Annotated[float, Meta(gt=0)] = 1.0
     kv_flush_s: Annotated[float, Meta(gt=0)] = 5.0
+    ingest_report_s: Annotated[float, Meta(gt=0)] = 60.0
     job_ack_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
     stage_retries: Annotated[int, Meta(ge=0)] = 2
     handler_grace_s: Annotated[float, Meta(ge=0)] = 10.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -101,13 +102,20 @@ class Daemon:
         port = self.config.embedded_port
         if port == -1 and port_file.exists():
             port = int(port_file.read_text().strip() or -1)  # agents reconnect to the same port
-        self.embedded = NatsServer(home / "nats", port=port)
+        conf = Path(self.config.embedded_config).expanduser() if self.config.embedded_config \
+            else None
+        host = self.config.embedded_host
+
+        def server(p: int) -> NatsServer:
+            return NatsServer(home / "nats", host=host, port=p, config_file=conf)
+
+        self.embedded = server(port)
         try:
             url = self.embedded.start()
         except StratosError:
             if port == -1:
                 raise
-            self.embedded = NatsServer(home / "nats", port=-1)
+            self.embedded = server(-1)
             url = self.embedded.start()
         port_file.write_text(str(self.embedded.port))
         (home / "nats.url").write_text(url)
@@ -153,6 +161,7 @@ class Daemon:
         jobs = [
             PeriodicJob("liveness", self.fleet.check_liveness, cfg.liveness_check_s, 0.0),
             PeriodicJob("agents_kv_flush", self.fleet.flush_kv, cfg.kv_flush_s, 0.5),
+            PeriodicJob("ingest_stats", self.fleet.report_ingest, cfg.ingest_report_s),
             *self.plugins.periodic_jobs(cfg),
         ]
         scheduler = build_scheduler(jobs)

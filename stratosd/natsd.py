@@ -74,8 +74,10 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [find_nats_server()]
         if self.config_file:
-            cmd += ["-c", str(self.config_file)]
-        cmd += ["-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
+            # the config file (stratosctl auth init) sets JetStream and its store dir itself
+            cmd += ["-c", str(self.config_file), "-a", self.host, "-p", str(self.port)]
+        else:
+            cmd += ["-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
         self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
             cmd,
             stdout=subprocess.DEVNULL,
