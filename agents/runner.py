@@ -1,4 +1,4 @@
-"""One job = one child process: inputs in, progress/logs out as events, outputs uploaded, cancel."""
+"""One job = one child process: inputs in, progress and logs out as events, outputs up."""
 
 from __future__ import annotations
 

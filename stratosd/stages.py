@@ -1,4 +1,4 @@
-"""The pipeline's stages: each reads the run, does its work (here or on an agent), returns a result."""
+"""The pipeline's stages: read the run, do the work (here or on an agent), return a result."""
 
 from __future__ import annotations
 
