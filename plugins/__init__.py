@@ -1,1 +1,1 @@
-"""Built-in Stratos plugins. Each module registers itself through the same hooks a third party uses."""
+"""Built-in plugins; each registers through the same hooks a third party uses."""

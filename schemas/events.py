@@ -1,4 +1,4 @@
-"""Run, job and agent events: everything the pipeline says happened, in the STRATOS_EVENTS stream."""
+"""Run, job and agent events: what the pipeline says happened (stream STRATOS_EVENTS)."""
 
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ from schemas.events import (
     JobProgress,
 )
 from stratosd.bus import Bus
-from stratosd.errors import AgentUnavailable, BadMessage, JobFailed as JobFailedError, NotFound
-from stratosd.errors import BusUnavailable, StratosError
+from stratosd.errors import AgentUnavailable, BadMessage, BusUnavailable, NotFound, StratosError
+from stratosd.errors import JobFailed as JobFailedError
 
 log = structlog.stdlib.get_logger(__name__)
 CONSUMER = "stratosd-jobs"

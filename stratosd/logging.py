@@ -1,4 +1,4 @@
-"""configure_logging(): structlog + stdlib bridge, JSON off a TTY, console on one; secrets redacted."""
+"""configure_logging(): structlog + stdlib bridge; JSON off a TTY; secrets redacted."""
 
 from __future__ import annotations
 

@@ -74,7 +74,9 @@ def make_plugin_manager(
     pm.add_hookspecs(hookspecs)
     if disabled is None:
         disabled = [
-            n.strip() for n in os.environ.get("STRATOS_DISABLE_PLUGINS", "").split(",") if n.strip()
+            n.strip()
+            for n in os.environ.get("STRATOS_DISABLE_PLUGINS", "").split(",")
+            if n.strip()
         ]
     for name in disabled:
         pm.set_blocked(name)
@@ -95,7 +97,9 @@ def make_plugin_manager(
             pm.load_setuptools_entrypoints(PROJECT)
         except Exception as exc:  # noqa: BLE001 - a broken third-party plugin must say which
             raise PluginError(
-                "entry-point", "load", repr(exc),
+                "entry-point",
+                "load",
+                repr(exc),
                 hint="uninstall the broken plugin or name it in STRATOS_DISABLE_PLUGINS",
             ) from exc
     try:
@@ -168,7 +172,9 @@ class Plugins:
     def choose_mode(self, task: TaskSpec, teacher: TeacherScore, threshold: float) -> str:
         """The first plugin's answer to stratos_choose_mode (the built-in policy is last)."""
         try:
-            mode = self.pm.hook.stratos_choose_mode(task=task, teacher=teacher, threshold=threshold)
+            mode = self.pm.hook.stratos_choose_mode(
+                task=task, teacher=teacher, threshold=threshold
+            )
         except Exception as exc:  # noqa: BLE001
             raise PluginError("?", "stratos_choose_mode", repr(exc)) from exc
         if not mode:
@@ -182,7 +188,9 @@ class Plugins:
             try:
                 out.extend(impl.function(task=task, offer=offer) or [])
             except Exception as exc:  # noqa: BLE001
-                raise PluginError(impl.plugin_name, "stratos_student_candidates", repr(exc)) from exc
+                raise PluginError(
+                    impl.plugin_name, "stratos_student_candidates", repr(exc)
+                ) from exc
         return out
 
     def periodic_jobs(self, config: Any) -> list[PeriodicJob]:
@@ -202,8 +210,9 @@ class Plugins:
                 if inspect.isawaitable(result):
                     await result
             except Exception:  # noqa: BLE001 - an observer never breaks the daemon
-                log.warning("plugin_hook_failed", plugin=impl.plugin_name, hook=hook_name,
-                            exc_info=True)
+                log.warning(
+                    "plugin_hook_failed", plugin=impl.plugin_name, hook=hook_name, exc_info=True
+                )
 
     async def startup(self, daemon: Any) -> None:
         """Run every stratos_startup hook."""
@@ -221,8 +230,15 @@ class Plugins:
         """Installed plugins: name, distribution, version, and what each provides."""
         dists = {id(p): d for p, d in self.pm.list_plugin_distinfo()}
         provides: dict[str, dict[str, list[str]]] = {}
-        for reg_name in ("selectors", "teachers", "catalogs", "modes", "trainers", "deployers",
-                         "tasks"):
+        for reg_name in (
+            "selectors",
+            "teachers",
+            "catalogs",
+            "modes",
+            "trainers",
+            "deployers",
+            "tasks",
+        ):
             reg: Registry[Any] = getattr(self, reg_name)
             for name in reg.names():
                 provides.setdefault(reg.owner(name), {}).setdefault(reg_name, []).append(name)
@@ -235,8 +251,14 @@ class Plugins:
                 dist_name, version = dist.project_name, dist.version
             else:
                 dist_name, version = "stratos (built-in)", __version__
-            out.append(PluginInfo(name=name, distribution=dist_name, version=version,
-                                  provides=provides.get(name, {})))
+            out.append(
+                PluginInfo(
+                    name=name,
+                    distribution=dist_name,
+                    version=version,
+                    provides=provides.get(name, {}),
+                )
+            )
         return sorted(out, key=lambda p: p.name)
 
 

@@ -1,4 +1,4 @@
-"""Job-spec checks the schema alone cannot make: plugin names exist, params are sane, no secrets."""
+"""Job-spec checks the schema cannot make: plugin names exist, params sane, no secrets."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import structlog
 
-from schemas.commands import ListServers, ServerList
 from schemas import subjects
+from schemas.commands import ListServers, ServerList
 from tests.conftest import start_agent
 
 
@@ -23,6 +23,7 @@ async def _until(pred: Any, timeout: float = 10.0) -> None:
     async def loop() -> None:
         while not pred():
             await asyncio.sleep(0.05)
+
     await asyncio.wait_for(loop(), timeout)
 
 
@@ -57,9 +58,12 @@ async def test_incompatible_agent_is_refused(daemon: Any) -> None:
     from schemas.telemetry import AgentTelemetry
 
     with structlog.testing.capture_logs() as logs:
-        await daemon.bus.publish(subjects.telemetry("old-agent"),
-                                 AgentTelemetry(agent_id="old-agent", schema_version=0))
+        await daemon.bus.publish(
+            subjects.telemetry("old-agent"), AgentTelemetry(agent_id="old-agent", schema_version=0)
+        )
         await daemon.bus.nc.flush()
         await _until(lambda: any(e["event"] == "agent_incompatible" for e in logs))
     assert "old-agent" not in daemon.fleet.agents
-    assert next(e for e in logs if e["event"] == "agent_incompatible")["hint"] == "upgrade the agent"
+    assert (
+        next(e for e in logs if e["event"] == "agent_incompatible")["hint"] == "upgrade the agent"
+    )
