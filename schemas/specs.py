@@ -75,6 +75,7 @@ class RunSpec(Strict, frozen=True, kw_only=True):
     students: Annotated[list[StudentSpec], Meta(min_length=1)]
     constraints: Constraints = Constraints()
     selector: PluginName = "pfg"
+    selector_params: dict[str, Any] = {}
     mode: PluginName = "auto"
     mode_threshold: Fraction = 0.5
     trainer: PluginName = "lora-sft"

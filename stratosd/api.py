@@ -31,6 +31,9 @@ class ServerSelector(abc.ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
 
+    def __init__(self, params: Mapping[str, Any] | None = None) -> None:
+        self.params: dict[str, Any] = dict(params or {})
+
     @abc.abstractmethod
     def select(
         self,

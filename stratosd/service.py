@@ -119,7 +119,9 @@ class ControlService:
 
         d = self.d
         spec = cmd.spec
-        selector = d.plugins.selectors.get(cmd.selector or spec.selector)()
+        name = cmd.selector or spec.selector
+        selector = d.plugins.selectors.get(name)(
+            spec.selector_params if name == spec.selector else {})
         offers = d.fleet.offers() + d.catalog_offers()
         selection = await asyncio.to_thread(
             selector.select, offers, spec.constraints, est_train_hours=spec.est_train_hours,

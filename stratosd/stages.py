@@ -51,7 +51,7 @@ def stage_params(ctx: StageRun, key: str) -> dict[str, Any]:
 async def select(ctx: StageRun, offers: list[ServerOffer]) -> Any:
     """Run the job's selector over offers in a thread (big fleets take a few ms)."""
     svc = services(ctx)
-    selector = svc.plugins.selectors.get(ctx.spec.selector)()
+    selector = svc.plugins.selectors.get(ctx.spec.selector)(ctx.spec.selector_params)
     return await asyncio.to_thread(selector.select, offers, ctx.spec.constraints,
                                    est_train_hours=ctx.spec.est_train_hours, seed=ctx.spec.seed)
 
@@ -76,7 +76,7 @@ async def agent_for(ctx: StageRun) -> str:
 
 async def run_job(
     ctx: StageRun, step: str, args: dict[str, Any], *, key: str | None = None,
-    inputs: dict[str, str] | None = None, until: str = "completed",
+    inputs: dict[str, str] | None = None,
 ) -> Outcome:
     """Run one step on the run's agent and wait; resumes a job sent before a daemon restart."""
     svc = services(ctx)
@@ -227,8 +227,7 @@ async def deploy(ctx: StageRun) -> dict[str, Any]:
     args = {"deployer": ctx.spec.deployer, "model": ctx.result("select_student")["chosen"],
             "served_name": ctx.spec.name, **stage_params(ctx, "deploy")}
     model_key = ctx.result("train").get("artifact", "")
-    out = await run_job(ctx, "deploy", args, inputs={"model": model_key} if model_key else None,
-                        until="serving")
+    out = await run_job(ctx, "deploy", args, inputs={"model": model_key} if model_key else None)
     ep = out.endpoint
     if ep is None:
         return {"skipped": True, "reason": "the deploy job ended without serving"}

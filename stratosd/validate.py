@@ -73,6 +73,11 @@ def validate_spec(spec: RunSpec, plugins: Plugins) -> None:
             raise ConfigError(f"{field}: unknown {registry.kind} {name!r} (known: {known})",
                               hint="fix the name, or install the plugin that provides it",
                               field=field)
+    try:
+        plugins.selectors.get(spec.selector)(spec.selector_params)
+    except (StratosError, TypeError, ValueError) as exc:
+        raise ConfigError(f"selector_params: {exc}", hint="see the selector's documentation",
+                          field="selector_params") from None
     labels = [t.label for t in spec.teachers]
     if len(set(labels)) != len(labels):
         raise ConfigError("teachers: two teachers have the same name",

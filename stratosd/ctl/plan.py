@@ -39,7 +39,9 @@ def main(args: argparse.Namespace) -> int:
             plugins = Plugins()
             offers = [o for n in plugins.catalogs.names()
                       for o in plugins.catalogs.get(n)().offers()]
-            selector = plugins.selectors.get(args.selector or spec.selector)()
+            name = args.selector or spec.selector
+            selector = plugins.selectors.get(name)(
+                spec.selector_params if name == spec.selector else {})
             selection = selector.select(offers, spec.constraints,
                                         est_train_hours=spec.est_train_hours, seed=spec.seed)
             rows = planning.plan_rows(selection, offers, spec.constraints, spec.est_train_hours)
