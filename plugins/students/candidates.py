@@ -1,1 +1,356 @@
-"""Built-in plugin (placeholder until implemented)."""
+"""Students that fit the server, and the capacity pre-screen that drops weak ones early.
+
+Memory model (bytes; P = all parameters, T = trainable ones, a = dtype_bytes, b = batch,
+s = sequence length, L = layers, h = hidden, i = MLP width, kv = key/value width, H = heads,
+V = vocabulary):
+
+    weights      = P * a
+    train state  = T * 16                    LoRA: fp32 adapter weight + grad + 2 Adam moments
+                 = P * 3a                    full: grad + 2 Adam moments in the weights' dtype
+    activations  = b * s * L * (18h + 3i + 2kv) * a      kept for backward, per token and layer
+                 + b * s * L * (7h + i + 2kv) * a        LoRA only: adapter outputs and sums
+                 + b * s * V * 4 * 3                     fp32 logits, log-softmax and their grad
+                   (SDPA attention keeps no s^2 matrix; gradient checkpointing keeps each
+                   layer's input plus one layer's worth)
+    train_mib    = (weights + train state + activations) * 1.05 allocator slack + runtime
+    serve_mib    = weights + KV cache (2 * L * kv * s * b * a) + one layer of activations
+                   + logits + runtime
+
+runtime is the CUDA context and kernels (600 MiB) on a GPU and 0 for the CPU estimate. The
+coefficients were calibrated against peak RSS on CPU (tests/plugins/test_students.py).
+Heavy imports (torch, transformers) happen inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from schemas.specs import ServerOffer, StudentCandidate, StudentSpec, TaskSpec
+from stratosd import hookimpl
+from stratosd.errors import ConfigError
+
+log = structlog.stdlib.get_logger(__name__)
+
+MIB = 1024 * 1024
+GPU_RUNTIME_MIB = 600.0
+ALLOCATOR_SLACK = 1.05
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The shape numbers the memory model needs (from a config, or guessed from a count)."""
+
+    n_params: int
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def kv_width(self) -> int:
+        """Width of one of K or V per token and layer."""
+        return self.kv_heads * self.head_dim
+
+    def lora_params(self, r: int) -> int:
+        """Adapter parameters with rank r on every linear layer of every block."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_width
+        per_layer = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)
+        return r * per_layer * self.layers
+
+
+def dims_from_count(n_params: int, vocab: int = 32_000) -> ModelDims:
+    """A Llama-shaped guess when only the parameter count is known (i ≈ 2.7h, L ≈ h/128)."""
+    # P ≈ 12.1 h^2 L + 2 V h with L = h / 128  →  solve for h numerically.
+    h = 256.0
+    for _ in range(60):
+        p = 12.1 * h**2 * max(h / 128, 2) + 2 * vocab * h
+        h *= (n_params / p) ** 0.3
+    hidden = max(64, int(round(h / 64)) * 64)
+    layers = max(2, round(hidden / 128))
+    heads = max(1, hidden // 128)
+    return ModelDims(n_params=n_params, hidden=hidden, layers=layers,
+                     intermediate=int(hidden * 2.7), vocab=vocab, heads=heads,
+                     kv_heads=heads, head_dim=hidden // heads)
+
+
+def _config_for(ref: str) -> Any:
+    """A transformers config for a ref without loading weights."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if ref.startswith("config:"):
+        from plugins.models.hf import model_config_dict, parse_config_ref
+
+        name, overrides = parse_config_ref(ref)
+        return LlamaConfig(**model_config_dict(name, overrides))
+    path = Path(ref).expanduser()
+    if (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return _config_for(str(base))
+    try:
+        return AutoConfig.from_pretrained(str(path) if path.exists() else ref)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config of student {ref!r}: {exc}", field="students",
+                          hint="use a local model dir, a reachable hub id or config:NAME") from exc
+
+
+def model_dims(ref: str) -> ModelDims:
+    """Shape numbers for a ref; the parameter count comes from a meta-device model (no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config_for(ref)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    n_params = int(sum(p.numel() for p in model.parameters()))
+    hidden = int(text.hidden_size)
+    heads = int(getattr(text, "num_attention_heads", max(1, hidden // 128)))
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    return ModelDims(
+        n_params=n_params, hidden=hidden, layers=int(text.num_hidden_layers),
+        intermediate=int(getattr(text, "intermediate_size", 4 * hidden) or 4 * hidden),
+        vocab=int(text.vocab_size), heads=heads,
+        kv_heads=int(getattr(text, "num_key_value_heads", None) or heads), head_dim=head_dim,
+    )
+
+
+def param_count(ref: str) -> int:
+    """Parameters of a model ref, read from its config (no weights are loaded)."""
+    return model_dims(ref).n_params
+
+
+def estimate_memory(
+    params: int | ModelDims,
+    *,
+    trainer: str = "lora-sft",
+    seq_len: int = 512,
+    batch_size: int = 8,
+    lora_r: int = 16,
+    dtype_bytes: int = 4,
+    gradient_checkpointing: bool = False,
+    runtime_mib: float = 0.0,
+) -> dict[str, float]:
+    """Training and serving memory in MiB with its parts (see the module docstring)."""
+    d = params if isinstance(params, ModelDims) else dims_from_count(int(params))
+    a, b, s = dtype_bytes, batch_size, seq_len
+    lora = trainer == "lora-sft" or (trainer == "grpo" and lora_r > 0)
+    weights = d.n_params * a
+    trainable = d.lora_params(lora_r) if lora else d.n_params
+    state = trainable * 16 if lora else d.n_params * 3 * a
+    per_token_layer = (18 * d.hidden + 3 * d.intermediate + 2 * d.kv_width) * a
+    if lora:
+        per_token_layer += (7 * d.hidden + d.intermediate + 2 * d.kv_width) * a
+    logits = b * s * d.vocab * 4 * 3
+    if gradient_checkpointing:
+        acts = b * s * d.layers * d.hidden * a + b * s * per_token_layer + logits
+    else:
+        acts = b * s * d.layers * per_token_layer + logits
+    train = (weights + state + acts) * ALLOCATOR_SLACK / MIB + runtime_mib
+    kv_cache = 2 * d.layers * d.kv_width * s * b * a
+    serve_acts = b * s * (2 * d.hidden + 2 * d.intermediate) * a + b * d.vocab * 4
+    serve = (weights + kv_cache + serve_acts) * ALLOCATOR_SLACK / MIB + runtime_mib
+    return {
+        "train_mib": round(train, 1),
+        "serve_mib": round(serve, 1),
+        "weights_mib": round(weights / MIB, 1),
+        "trainable_params": float(trainable),
+        "optimizer_grad_mib": round(state / MIB, 1),
+        "activations_mib": round(acts / MIB, 1),
+        "kv_cache_mib": round(kv_cache / MIB, 1),
+        "runtime_mib": runtime_mib,
+    }
+
+
+def _mib(x: float) -> str:
+    return f"{x:,.0f} MiB"
+
+
+def capacity_mib(offer: ServerOffer) -> tuple[float, str]:
+    """Memory one training process can use on an offer: one GPU's memory, or RAM without GPUs."""
+    if offer.gpu_count > 0:
+        return float(offer.gpu_mem_mib), "GPU memory"
+    return float(offer.ram_mib), "RAM (no GPU)"
+
+
+def fit(
+    students: Iterable[StudentSpec | str],
+    offer: ServerOffer,
+    *,
+    trainer: str = "lora-sft",
+    seq_len: int = 512,
+    batch_size: int = 8,
+    lora_r: int = 16,
+    gradient_checkpointing: bool = False,
+    headroom: float = 0.9,
+) -> list[StudentCandidate]:
+    """Each student with its memory estimate, and whether it trains and serves on the offer."""
+    cap, what = capacity_mib(offer)
+    gpu = offer.gpu_count > 0
+    out = []
+    for student in students:
+        ref = student.model if isinstance(student, StudentSpec) else student
+        sp = student.params if isinstance(student, StudentSpec) else {}
+        try:
+            dims = model_dims(ref)
+        except (ConfigError, ValueError, KeyError) as exc:
+            out.append(StudentCandidate(model=ref, fits=False, kept=False,
+                                        reason=f"cannot size {ref}: {exc}"))
+            continue
+        est = estimate_memory(
+            dims, trainer=trainer, seq_len=int(sp.get("max_length", seq_len)),
+            batch_size=int(sp.get("per_device_train_batch_size", batch_size)),
+            lora_r=int(sp.get("lora_r", lora_r)), dtype_bytes=2 if gpu else 4,
+            gradient_checkpointing=bool(sp.get("gradient_checkpointing", gradient_checkpointing)),
+            runtime_mib=GPU_RUNTIME_MIB if gpu else 0.0,
+        )
+        usable = cap * headroom
+        if est["train_mib"] > usable:
+            fits, reason = False, (
+                f"needs {_mib(est['train_mib'])} to train, server has {_mib(cap)} {what}"
+                + (f" ({_mib(usable)} usable at {headroom:.0%})" if headroom < 1 else ""))
+        elif est["serve_mib"] > usable:
+            fits, reason = False, (f"needs {_mib(est['serve_mib'])} to serve, server has "
+                                   f"{_mib(cap)} {what}")
+        else:
+            fits, reason = True, (f"fits: {_mib(est['train_mib'])} to train of {_mib(cap)} {what}")
+        out.append(StudentCandidate(
+            model=ref, params_m=round(dims.n_params / 1e6, 3),
+            est_train_mem_mib=est["train_mib"], est_serve_mem_mib=est["serve_mib"],
+            fits=fits, kept=fits, reason=reason))
+    return out
+
+
+# --- pre-screen -------------------------------------------------------------------------------
+
+SHOT_SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class Shot:
+    """One worked example shown to the student: question, reasoning (teacher's) and answer."""
+
+    question: str
+    reasoning: str
+    answer: str
+
+
+def few_shot_prompt(task: Any, shots: Sequence[Shot], question: str) -> str:
+    """Worked examples in the training format, then the question's prompt."""
+    parts = [task.prompt(s.question) + task.format_target(s.reasoning, s.answer) for s in shots]
+    return SHOT_SEPARATOR.join([*parts, task.prompt(question)])
+
+
+def reference_shots(task: Any, k: int, *, skip: set[str] | None = None) -> list[Shot]:
+    """k shots from the train split with the task's reference reasoning (empty without one)."""
+    shots = []
+    for ex in task.examples("train"):
+        if skip and ex.id in skip:
+            continue
+        reasoning = task.reference_reasoning(ex.question, ex.answer) or ""
+        shots.append(Shot(ex.question, reasoning, ex.answer))
+        if len(shots) >= k:
+            break
+    return shots
+
+
+def prescreen_accuracy(
+    ref: str,
+    task: Any,
+    shots: Sequence[Shot],
+    sample: Sequence[Any],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Few-shot accuracy of a student on sample examples (greedy, cut at the shot separator)."""
+    import torch
+
+    from plugins.models.hf import generate_batch, load_model
+
+    model, tokenizer = load_model(ref)
+    threads = torch.get_num_threads()
+    if sum(p.numel() for p in model.parameters()) < 50_000_000 and not torch.cuda.is_available():
+        torch.set_num_threads(1)  # tiny matrices: threads only add contention
+    try:
+        return _screen(model, tokenizer, task, shots, sample, generate_batch,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _screen(model: Any, tokenizer: Any, task: Any, shots: Sequence[Shot], sample: Sequence[Any],
+            generate_batch: Any, *, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
+    correct = 0.0
+    outputs = []
+    for start in range(0, len(sample), batch_size):
+        chunk = sample[start:start + batch_size]
+        prompts = [few_shot_prompt(task, shots, ex.question) for ex in chunk]
+        gens = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+        for ex, gen in zip(chunk, gens, strict=True):
+            text = gen.text.split(SHOT_SEPARATOR)[0]
+            score = float(task.score(task.extract(text), ex.answer))
+            correct += score
+            outputs.append({"id": ex.id, "correct": score > 0, "output": text[:200]})
+    return {"accuracy": correct / max(len(sample), 1), "n": len(sample), "outputs": outputs}
+
+
+def probe_finetune(
+    ref: str,
+    task: Any,
+    rows_file: Path,
+    workdir: Path,
+    *,
+    steps: int,
+    trainer: str = "lora-sft",
+    params: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A short fine-tune; loss_drop = (first - last) / first of the logged training loss."""
+    from stratosd.api import TrainContext
+    from stratosd.plugins import get_plugins
+
+    cls = get_plugins().trainers.get(trainer)
+    p = {k: v for k, v in (params or {}).items() if k not in ("num_train_epochs",)}
+    p.update(max_steps=steps, save_steps=max(steps * 10, 1000), logging_steps=1)
+    ctx = TrainContext(model=ref, train_file=rows_file, out_dir=workdir / "out",
+                       checkpoint_dir=workdir / "ckpt", params=p, task=task, seed=seed)
+    metrics = cls().train(ctx)
+    first, last = metrics.get("first_loss"), metrics.get("final_loss")
+    drop = (first - last) / first if first and last is not None and first > 0 else 0.0
+    return {"loss_drop": drop, "first_loss": first, "final_loss": last,
+            "steps": metrics.get("steps"), "train_time_s": metrics.get("train_time_s")}
+
+
+def choose(candidates: Sequence[StudentCandidate]) -> StudentCandidate | None:
+    """Best kept candidate: highest pre-screen accuracy, then loss drop, then fewest params."""
+    kept = [c for c in candidates if c.kept]
+    if not kept:
+        return None
+
+    def key(c: StudentCandidate) -> tuple[float, float, float]:
+        acc = c.prescreen_accuracy if c.prescreen_accuracy is not None else -1.0
+        drop = c.probe_loss_drop if c.probe_loss_drop is not None else -math.inf
+        return (-acc, -drop, c.params_m)
+
+    return sorted(kept, key=key)[0]
+
+
+def dims_dict(ref: str) -> dict[str, Any]:
+    """model_dims as a plain dict (for reports)."""
+    return asdict(model_dims(ref))
+
+
+@hookimpl
+def stratos_student_candidates(task: TaskSpec, offer: ServerOffer) -> list[StudentCandidate]:
+    """Built-in: none (students come from the job); the hook exists for third parties."""
+    return []
