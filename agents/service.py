@@ -49,16 +49,16 @@ class AgentService:
             job = self.runner.submit(cmd)
             return Accepted(ref=cmd.job_id, state=job.state, source=self.agent_id)
         if isinstance(cmd, CancelJob):
-            job = await self.runner.cancel(cmd.job_id)
-            return Accepted(ref=cmd.job_id, state=job.state, source=self.agent_id)
+            cancelled = await self.runner.cancel(cmd.job_id)
+            return Accepted(ref=cmd.job_id, state=cancelled.state, source=self.agent_id)
         if isinstance(cmd, GetJob):
-            job = self.runner.jobs.get(cmd.job_id)
-            if job is None:
+            found = self.runner.jobs.get(cmd.job_id)
+            if found is None:
                 raise NotFound(f"no job {cmd.job_id!r} on agent {self.agent_id}")
-            return job.status()
+            return found.status()
         if isinstance(cmd, Undeploy):
-            job = self.runner.jobs.get(cmd.endpoint_id)
-            if job is None or not job.endpoint_url:
+            serving = self.runner.jobs.get(cmd.endpoint_id)
+            if serving is None or not serving.endpoint_url:
                 raise NotFound(f"no endpoint {cmd.endpoint_id!r} on agent {self.agent_id}")
             await self.runner.cancel(cmd.endpoint_id)
             return Accepted(ref=cmd.endpoint_id, state="undeployed", source=self.agent_id)

@@ -202,7 +202,7 @@ Event = (
     | EndpointRemoved
 )
 
-EVENT_TYPES: tuple[type[Message], ...] = Event.__args__  # type: ignore[attr-defined]
+EVENT_TYPES: tuple[type[Message], ...] = Event.__args__
 EVENT_DECODER = msgspec.json.Decoder(Event)
 
 

@@ -295,7 +295,7 @@ class PeriodicJob:
     """A periodic coroutine the daemon's scheduler runs (max_instances=1, coalesce)."""
 
     id: str
-    func: Callable[[], Awaitable[None]]
+    func: Callable[[], Awaitable[object]]
     seconds: float
     jitter: float = 0.0
 

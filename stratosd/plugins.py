@@ -11,7 +11,7 @@ import inspect
 import os
 from collections.abc import Callable
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pluggy
 import structlog
@@ -186,7 +186,8 @@ class Plugins:
         out: list[StudentCandidate] = []
         for impl in self.pm.hook.stratos_student_candidates.get_hookimpls():
             try:
-                out.extend(impl.function(task=task, offer=offer) or [])
+                out.extend(cast("list[StudentCandidate]",
+                                impl.function(task=task, offer=offer) or []))
             except Exception as exc:  # noqa: BLE001
                 raise PluginError(
                     impl.plugin_name, "stratos_student_candidates", repr(exc)
@@ -198,7 +199,7 @@ class Plugins:
         jobs: list[PeriodicJob] = []
         for impl in self.pm.hook.stratos_periodic_jobs.get_hookimpls():
             try:
-                jobs.extend(impl.function(config=config) or [])
+                jobs.extend(cast("list[PeriodicJob]", impl.function(config=config) or []))
             except Exception as exc:  # noqa: BLE001
                 raise PluginError(impl.plugin_name, "stratos_periodic_jobs", repr(exc)) from exc
         return jobs

@@ -13,7 +13,9 @@ from stratosd.api import PeriodicJob
 log = structlog.stdlib.get_logger(__name__)
 
 
-def _guarded(job_id: str, func: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+def _guarded(
+    job_id: str, func: Callable[[], Awaitable[object]]
+) -> Callable[[], Awaitable[None]]:
     async def run() -> None:
         try:
             await func()

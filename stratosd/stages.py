@@ -62,7 +62,8 @@ async def agent_for(ctx: StageRun) -> str:
     current = ctx.run.progress.get("agent_id") or ctx.result("select_server").get("agent_id")
     if current and await svc.fleet.wait_up(current):
         return str(current)
-    excluded = sorted(set(ctx.run.progress.get("excluded_agents", [])) | {current} - {None})
+    excluded = sorted({str(a) for a in [*ctx.run.progress.get("excluded_agents", []), current]
+                       if a})
     offers = [o for o in svc.fleet.offers() if o.id not in excluded]
     if not offers:
         raise AgentUnavailable(f"agent {current} is down and no other live agent can take over",

@@ -13,6 +13,7 @@ from schemas.base import decode_or_error
 from schemas.specs import RunSpec
 from stratosd.errors import BadMessage, ConfigError, StratosError
 from stratosd.plugins import Plugins
+from stratosd.registry import Registry
 
 _SECRET_PARAM = re.compile(r"(api_?key|secret|password|token)$", re.I)
 _SPEC_DECODER = msgspec.json.Decoder(RunSpec)
@@ -53,7 +54,7 @@ def _secret_keys(params: dict[str, Any], where: str) -> None:
 
 def validate_spec(spec: RunSpec, plugins: Plugins) -> None:
     """Raise ConfigError naming the first bad field of a spec."""
-    checks = [
+    checks: list[tuple[str, Registry[Any], str]] = [
         ("selector", plugins.selectors, spec.selector),
         ("task.name", plugins.tasks, spec.task.name),
         ("trainer", plugins.trainers, spec.trainer),

@@ -77,8 +77,9 @@ def run(ctx: StepContext) -> dict[str, Any]:
     result = {k: metrics.get(k) for k in METRIC_KEYS}
     result["trainer"] = result["trainer"] or trainer_name
     result.update({k: v for k, v in metrics.items() if k not in result and k != "loss_curve"})
+    result["loss_history"] = metrics.get("loss_curve", [])[-200:]  # for the report's plot
     result["model"] = model
-    return _jsonable(result)
+    return dict(_jsonable(result))
 
 
 def _jsonable(value: Any) -> Any:

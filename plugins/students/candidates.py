@@ -111,7 +111,7 @@ def model_dims(ref: str) -> ModelDims:
     cfg = _config_for(ref)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(cfg)  # type: ignore[no-untyped-call]
     n_params = int(sum(p.numel() for p in model.parameters()))
     hidden = int(text.hidden_size)
     heads = int(getattr(text, "num_attention_heads", max(1, hidden // 128)))

@@ -250,8 +250,8 @@ def quiet_libraries() -> None:
     """No progress bars or info chatter: stderr lines become job logs in the agent."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
 
 
 def training_kwargs(params: Mapping[str, Any], ctx: TrainContext, *, cuda: bool) -> dict[str, Any]:

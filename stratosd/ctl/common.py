@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,7 +49,7 @@ async def ask(args: argparse.Namespace, verb: str, msg: Message, timeout: float 
         await bus.close()
 
 
-def run_async(fn: Callable[[], Awaitable[int]]) -> int:
+def run_async(fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """asyncio.run for a subcommand coroutine."""
     return asyncio.run(fn())
 
