@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 EPILOG = """\
@@ -38,24 +37,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from agents.agent import Agent
     from stratosd.config import AgentConfig, load_config
-    from stratosd.errors import StratosError
     from stratosd.logging import configure_logging
+    from stratosd.runtime import run_service
 
-    try:
-        config = load_config(AgentConfig, args.config, {
-            k: v for k, v in vars(args).items() if k not in ("config",)})
+    config_overrides = {k: v for k, v in vars(args).items() if k != "config"}
+
+    async def serve() -> None:
+        config = load_config(AgentConfig, args.config, config_overrides)
         if not config.agent_id:
             p.error("--id is required (or agent_id in the config / STRATOS_AGENT_ID)")
         configure_logging(config.log_level, config.log_format)
-        asyncio.run(Agent(config).run())
-    except StratosError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return 2 if exc.code == "config" else 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+        await Agent(config).run()
+
+    return run_service(serve)
 
 
 if __name__ == "__main__":

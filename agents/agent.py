@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ from stratosd import __version__
 from stratosd.bus import Bus, connect
 from stratosd.config import AgentConfig
 from stratosd.errors import ConfigError
+from stratosd.runtime import stop_on_signals
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -76,12 +76,7 @@ class Agent:
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT; on stop, interrupt jobs (they checkpoint), then drain."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(sig, self.stopping.set)
-            except (NotImplementedError, RuntimeError):
-                pass
+        stop_on_signals(self.stopping)
         self._gpus = await asyncio.to_thread(telemetry.gpus)
         self.bus = Bus(await connect(self.config, f"stratos-agent-{self.agent_id}",
                                      retry_for_s=30.0))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 EPILOG = """\
@@ -33,23 +32,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from stratosd.config import DaemonConfig, load_config
     from stratosd.daemon import Daemon
-    from stratosd.errors import StratosError
     from stratosd.logging import configure_logging
+    from stratosd.runtime import run_service
 
-    try:
+    async def serve() -> None:
         config = load_config(DaemonConfig, args.config, {
             "nats_url": args.nats_url, "home": args.home, "log_level": args.log_level,
             "log_format": args.log_format})
         configure_logging(config.log_level, config.log_format)
-        asyncio.run(Daemon(config).run())
-    except StratosError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return 2 if exc.code in ("config", "plugin") else 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+        await Daemon(config).run()
+
+    return run_service(serve)
 
 
 if __name__ == "__main__":

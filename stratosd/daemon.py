@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from stratosd.fleet import Fleet
 from stratosd.natsd import NatsServer
 from stratosd.pipeline import Pipeline
 from stratosd.plugins import Plugins
+from stratosd.runtime import stop_on_signals
 from stratosd.scheduler import build_scheduler
 from stratosd.service import ControlService
 from stratosd.stages import STAGE_FUNCS, Services
@@ -123,12 +123,7 @@ class Daemon:
 
     async def run(self) -> None:
         """Start everything, serve until SIGTERM/SIGINT, then stop in order."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(sig, self.stopping.set)
-            except (NotImplementedError, RuntimeError):
-                pass
+        stop_on_signals(self.stopping)
         self.plugins.configure(self.config)
         if self.config.nats_url:
             self.url = self.config.nats_url
