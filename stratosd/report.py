@@ -386,6 +386,9 @@ def render_markdown(run: RunInfo, data: dict[str, Any]) -> str:
         ["server", s["server"] or "n/a"], ["teacher", s["teacher"] or "n/a"],
         ["student", s["student"] or "n/a"], ["strategy", s["mode"] or "n/a"],
         ["accuracy before → after", f"{_pct(s['accuracy_before'])} → {_pct(s['accuracy_after'])}"],
+        ["quality target (constraints.target_accuracy)",
+         f"{_pct(s['target_accuracy'])}: " + ("n/a" if s["target_met"] is None
+                                              else "met" if s["target_met"] else "NOT met")],
         ["teacher probe accuracy", _pct(s["teacher_accuracy"])],
         ["latency (serving p50 + network) ms", _f(s["latency_ms"], "{:.1f}")],
         ["training time s", _f(s["train_time_s"], "{:.1f}")],
@@ -492,7 +495,11 @@ def headline(run: RunInfo, comparison: dict[str, Any]) -> dict[str, Any]:
                             if isinstance(t, dict) and t.get("name") == probe.get("best")), None)
     rows = comparison.get("rows") or []
     own = rows[0] if rows and rows[0].get("role") == "stratos" else {}
+    target = run.spec.constraints.target_accuracy
+    acc_after = _num(after.get("accuracy"))
     return {
+        "target_accuracy": target,
+        "target_met": None if acc_after is None else acc_after >= target,
         "server": chosen.get("id"),
         "teacher": _res(run, "choose_strategy").get("teacher")
         or _res(run, "probe_teachers").get("best"),

@@ -217,8 +217,13 @@ async def evaluate(ctx: StageRun) -> dict[str, Any]:
     before = await run_job(ctx, "evaluate", base, key="evaluate-before")
     after = await run_job(ctx, "evaluate", base, key="evaluate-after",
                           inputs={"model": model_key} if model_key else None)
+    target = ctx.spec.constraints.target_accuracy
+    accuracy = float(after.result.get("accuracy", 0.0))
+    if accuracy < target:
+        log.warning("quality_target_missed", accuracy=accuracy, target_accuracy=target)
     return {"before": before.result, "after": after.result,
-            "teacher_probe_accuracy": ctx.result("choose_strategy").get("teacher_accuracy")}
+            "teacher_probe_accuracy": ctx.result("choose_strategy").get("teacher_accuracy"),
+            "target_accuracy": target, "target_met": accuracy >= target}
 
 
 async def deploy(ctx: StageRun) -> dict[str, Any]:

@@ -57,7 +57,10 @@ def summarize(stage: str, result: dict[str, Any]) -> str:
             f"{result.get('steps', '?')} steps"
     if stage == "evaluate":
         b, a = result.get("before", {}), result.get("after", {})
-        return f"accuracy {b.get('accuracy', 0):.1%} → {a.get('accuracy', 0):.1%}"
+        met = result.get("target_met")
+        target = "" if met is None else \
+            f" (target {result.get('target_accuracy', 0):.0%} {'met' if met else 'NOT met'})"
+        return f"accuracy {b.get('accuracy', 0):.1%} → {a.get('accuracy', 0):.1%}{target}"
     if stage == "deploy":
         return str(result.get("url", "skipped"))
     if stage == "report":

@@ -163,6 +163,9 @@ def test_markdown_says_what_and_why(full: dict[str, Any]) -> None:
     ]:
         assert needle in md, needle
     assert "Missing" not in md
+    target = run.spec.constraints.target_accuracy
+    met = "met" if 0.38 >= target else "NOT met"
+    assert f"quality target (constraints.target_accuracy) | {target:.1%}: {met}" in md
 
 
 def test_json_holds_the_full_data(full: dict[str, Any]) -> None:
