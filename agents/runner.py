@@ -20,7 +20,7 @@ import msgspec
 import structlog
 
 from schemas import subjects
-from schemas.base import Message
+from schemas.base import Message, is_token
 from schemas.commands import JobStatus, RunStep
 from schemas.events import (
     EndpointDeployed,
@@ -35,7 +35,7 @@ from schemas.events import (
 )
 from schemas.subjects import artifact_key
 from stratosd.bus import Bus
-from stratosd.errors import Conflict, StratosError
+from stratosd.errors import BadMessage, Conflict, StratosError
 
 log = structlog.stdlib.get_logger(__name__)
 STATUS_DECODER = msgspec.json.Decoder(JobStatus)
@@ -117,12 +117,15 @@ class Runner:
     async def emit(self, event: Message, name: str, job_id: str) -> None:
         """Publish a job event (JetStream; the daemon's durable consumer picks it up)."""
         try:
-            await self.bus.publish_event(subjects.job_event(job_id, name), event)
+            subject = subjects.job_event(self.agent_id, job_id, name)
+            await self.bus.publish_event(subject, event)
         except Exception:  # noqa: BLE001 - the bus may be reconnecting; the state stays local
             log.warning("job_event_not_published", job_id=job_id, event_name=name, exc_info=True)
 
     def submit(self, cmd: RunStep) -> Job:
         """Start a job; the same job_id again returns the existing job (idempotent)."""
+        if not is_token(cmd.job_id) or (cmd.run_id and not is_token(cmd.run_id)):
+            raise BadMessage("job_id", "job_id and run_id must be 1-64 of [a-z0-9_-]")
         if cmd.job_id in self.jobs and self.jobs[cmd.job_id].state != "interrupted":
             return self.jobs[cmd.job_id]
         if len(self.running()) >= self.max_jobs:
@@ -189,6 +192,8 @@ class Runner:
                                           step=cmd.step, message=job.error, source=self.agent_id),
                                 "failed", cmd.job_id)
             finally:
+                if job.state != "completed":
+                    await self._terminate(job)  # never leave a child running for a dead job
                 self._save(job)
                 log.info("job_finished", state=job.state,
                          duration_s=round(time.monotonic() - t0, 2))
@@ -275,7 +280,11 @@ class Runner:
                                        source=self.agent_id), "log", cmd.job_id)
             elif kind == "checkpoint":
                 name = f"{cmd.step}-{line.get('name', 'checkpoint')}"
-                key = await self._upload(run_id, Path(line["path"]), name)
+                try:
+                    key = await self._upload(run_id, Path(line["path"]), name)
+                except Exception:  # noqa: BLE001 - bus away: the next checkpoint tries again
+                    log.warning("checkpoint_upload_failed", job_id=cmd.job_id, exc_info=True)
+                    continue
                 await self.emit(JobProgress(job_id=cmd.job_id, run_id=run_id,
                                             agent_id=self.agent_id, step=cmd.step,
                                             message=f"checkpoint uploaded: {key}",

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 
 from schemas.base import Message
 from schemas.errors import ErrorReply
 from schemas.specs import RunSpec, Selection, ServerOffer
+
+# ids become subject tokens and directory names: validated here, at the edge
+Token = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,64}$")]
+OptToken = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{0,64}$")]
 
 StepName = Literal["probe", "prescreen", "synthesize", "train", "evaluate", "deploy"]
 STEP_NAMES: tuple[str, ...] = StepName.__args__  # type: ignore[attr-defined]
@@ -21,8 +26,8 @@ JobStateName = Literal["queued", "running", "completed", "failed", "cancelled", 
 class RunStep(Message, frozen=True, kw_only=True, tag="run_step"):
     """Run one pipeline step in a child process. inputs: local name → artifact key."""
 
-    job_id: str
-    run_id: str = ""
+    job_id: Token
+    run_id: OptToken = ""
     step: StepName
     args: dict[str, Any] = {}
     inputs: dict[str, str] = {}
@@ -31,19 +36,19 @@ class RunStep(Message, frozen=True, kw_only=True, tag="run_step"):
 class CancelJob(Message, frozen=True, kw_only=True, tag="cancel_job"):
     """Stop a job's child process (its last checkpoint is kept)."""
 
-    job_id: str
+    job_id: Token
 
 
 class GetJob(Message, frozen=True, kw_only=True, tag="get_job"):
     """Ask for a job's state (for a daemon resuming after a restart)."""
 
-    job_id: str
+    job_id: Token
 
 
 class Undeploy(Message, frozen=True, kw_only=True, tag="undeploy"):
     """Stop serving an endpoint."""
 
-    endpoint_id: str
+    endpoint_id: Token
 
 
 AgentCommand = RunStep | CancelJob | GetJob | Undeploy
@@ -56,7 +61,7 @@ class SubmitRun(Message, frozen=True, kw_only=True, tag="submit_run"):
     """Start a run. Resending with the same run_id returns the run's current state."""
 
     spec: RunSpec
-    run_id: str | None = None
+    run_id: Token | None = None
 
 
 class ListRuns(Message, frozen=True, kw_only=True, tag="list_runs"):
@@ -68,13 +73,13 @@ class ListRuns(Message, frozen=True, kw_only=True, tag="list_runs"):
 class GetRun(Message, frozen=True, kw_only=True, tag="get_run"):
     """One run's full state."""
 
-    run_id: str
+    run_id: Token
 
 
 class CancelRun(Message, frozen=True, kw_only=True, tag="cancel_run"):
     """Cancel a run and its agent job."""
 
-    run_id: str
+    run_id: Token
 
 
 class ListServers(Message, frozen=True, kw_only=True, tag="list_servers"):
@@ -101,13 +106,13 @@ class ListEndpoints(Message, frozen=True, kw_only=True, tag="list_endpoints"):
 class UndeployEndpoint(Message, frozen=True, kw_only=True, tag="undeploy_endpoint"):
     """Stop an endpoint wherever it runs."""
 
-    endpoint_id: str
+    endpoint_id: Token
 
 
 class GetReport(Message, frozen=True, kw_only=True, tag="get_report"):
     """A finished run's report (paths and the JSON body)."""
 
-    run_id: str
+    run_id: Token
 
 
 DaemonCommand = (

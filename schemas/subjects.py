@@ -36,9 +36,11 @@ def run_event(run_id: str, event: str) -> str:
     return f"{PREFIX}.evt.run.{_tok(run_id, 'run_id')}.{_tok(event, 'event')}"
 
 
-def job_event(job_id: str, event: str) -> str:
-    """stratos.evt.job.{job_id}.{event}"""
-    return f"{PREFIX}.evt.job.{_tok(job_id, 'job_id')}.{_tok(event, 'event')}"
+def job_event(agent_id: str, job_id: str, event: str) -> str:
+    """stratos.evt.job.{agent_id}.{job_id}.{event} — the agent token lets bus permissions
+    confine each agent to its own jobs' events (docs/security.md)."""
+    return (f"{PREFIX}.evt.job.{_tok(agent_id, 'agent_id')}.{_tok(job_id, 'job_id')}."
+            f"{_tok(event, 'event')}")
 
 
 def agent_event(agent_id: str, event: str) -> str:
@@ -51,9 +53,14 @@ def run_events(run_id: str = "*") -> str:
     return f"{PREFIX}.evt.run.{run_id}.>"
 
 
-def job_events(job_id: str = "*") -> str:
-    """Filter for one job's events (or all jobs)."""
-    return f"{PREFIX}.evt.job.{job_id}.>"
+def job_events(job_id: str = "*", agent_id: str = "*") -> str:
+    """Filter for one job's events (or all jobs, or one agent's)."""
+    return f"{PREFIX}.evt.job.{agent_id}.{job_id}.>"
+
+
+def job_event_agent(subject: str) -> str:
+    """The agent token of a job event subject."""
+    return subject.split(".")[3]
 
 
 ALL_JOB_EVENTS = f"{PREFIX}.evt.job.>"

@@ -95,7 +95,7 @@ def agent_permissions(agent_id: str) -> Permissions:
         publish=(
             subjects.telemetry(agent_id),
             # job events do not name the agent: see docs/security.md "job events"
-            subjects.ALL_JOB_EVENTS,
+            subjects.job_events(agent_id=agent_id),
             f"{subjects.PREFIX}.evt.agent.{agent_id}.>",
             f"$SRV.PING.{subjects.DAEMON_SERVICE}",  # latency probe to the daemon
             *artifact_store_subjects(),

@@ -162,6 +162,9 @@ class Bus:
         except nats.errors.TimeoutError:
             raise BusUnavailable(f"no reply on {subject} within {timeout:.0f}s",
                                  hint="the service may be overloaded or down") from None
+        except nats.errors.MaxPayloadError:
+            raise BadMessage("$", f"message larger than the server's max_payload "
+                                  f"({self.nc.max_payload} bytes)") from None
         reply = decode_or_error(REPLY_DECODER, msg.data)
         if isinstance(reply, ErrorReply):
             raise RemoteError(reply.code, reply.message, reply.hint, reply.field)

@@ -59,6 +59,7 @@ class Dispatcher:
         self.on_endpoint = on_endpoint
         self.outcomes: dict[str, Outcome] = {}
         self.job_agent: dict[str, str] = {}
+        self.outcome_agent: dict[str, str] = {}  # job_id → the agent whose subject carried it
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}
         self._sub: Any = None
 
@@ -79,6 +80,16 @@ class Dispatcher:
             log.warning("message_rejected", subject=msg.subject, reason=exc.message)
             await msg.term()
             return
+        sender = subjects.job_event_agent(msg.subject)
+        claimed = getattr(event, "agent_id", sender) or sender
+        job_id = getattr(event, "job_id", None) or getattr(event, "endpoint_id", "")
+        expected = self.job_agent.get(job_id)
+        if claimed != sender or (expected is not None and expected != sender):
+            log.warning("message_rejected", subject=msg.subject, job_id=job_id, agent_id=sender,
+                        reason="job event from an agent the job was not sent to")
+            await msg.term()
+            return
+        self.outcome_agent.setdefault(job_id, sender)
         try:
             await self.handle_event(event)
         except Exception:  # noqa: BLE001 - event boundary: redeliver later

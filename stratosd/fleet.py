@@ -87,6 +87,7 @@ class Fleet:
         self._on_down = on_down
         self._sub: Any = None
         self._new: list[str] = []
+        self._disconnected_at = 0.0
 
     async def start(self) -> None:
         """Restore known agents from KV (as down until heard) and subscribe to telemetry."""
@@ -189,6 +190,16 @@ class Fleet:
     async def check_liveness(self) -> list[str]:
         """Mark agents silent for missed_heartbeats × their interval as down; return them."""
         now = time.monotonic()
+        if not self.bus.nc.is_connected:
+            # our own outage is not theirs: judge them again once we are back
+            self._disconnected_at = self._disconnected_at or now
+            return []
+        if self._disconnected_at:
+            gap = now - self._disconnected_at
+            self._disconnected_at = 0.0
+            for st in self.agents.values():
+                st.last_seen += gap
+
         down = []
         for agent_id, st in self.agents.items():
             limit = self.missed_heartbeats * st.telemetry.interval_s

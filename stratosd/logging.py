@@ -53,7 +53,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        # no caching: reconfiguring (tests' capture_logs, a CLI call in-process) must take effect
+        cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,

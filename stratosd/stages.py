@@ -87,6 +87,8 @@ async def run_job(
     agent_id = ctx.run.jobs.get(f"{job_key}@agent")
     if job_id and agent_id:
         known = svc.dispatch.outcomes.get(job_id)
+        if svc.dispatch.outcome_agent.get(job_id, agent_id) != agent_id:
+            known = None  # only the agent the job was sent to may settle it
         if known is not None and known.state in ("completed", "serving", "failed"):
             svc.dispatch.raise_for(job_id, known)
             return known

@@ -29,6 +29,12 @@ def parse_spec_toml(path: str | Path) -> RunSpec:
                           hint="pass the path of a job TOML (see examples/)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}", hint="fix the syntax there") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})",
+                          hint="save the job file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read job file {str(p)!r}: {exc.strerror or exc}",
+                          hint="pass the path of a readable job TOML file") from None
     return spec_from_data(data, origin=str(p))
 
 
@@ -36,6 +42,9 @@ def spec_from_data(data: Any, origin: str = "job") -> RunSpec:
     """Convert plain data into a RunSpec (BadMessage names the field)."""
     try:
         return decode_or_error(_SPEC_DECODER, msgspec.json.encode(data))
+    except (TypeError, ValueError) as exc:  # e.g. a lone surrogate cannot be encoded
+        raise ConfigError(f"{origin}: cannot be read as a job: {exc}",
+                          hint="check the file's text encoding and values", field="$") from None
     except BadMessage as exc:
         raise ConfigError(f"{origin}: invalid value at `{exc.field}`: {exc.reason}",
                           hint="fix that field in the job file", field=exc.field) from None
