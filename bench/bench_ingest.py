@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,15 +45,14 @@ def startup(cmd: list[str], n: int = 5) -> float:
     return statistics.median(times)
 
 
-async def agents(url: str, n: int, seconds: float, conns: int) -> int:
-    """n agents spread over conns connections, each publishing at 1 Hz with jitter."""
+async def simulate_agents(url: str, n: int, stop: float, conns: int,
+                          on_sent: Callable[[], None] = lambda: None) -> None:
+    """n agents over conns connections, each publishing telemetry at 1 Hz until stop
+    (a time.monotonic() deadline); on_sent is called once per message."""
     buses = [Bus(await connect(StratosConfig(nats_url=url), f"sim-{i}")) for i in range(conns)]
-    sent = 0
-    stop = time.monotonic() + seconds
     gpu = [GpuInfo(index=0, model="NVIDIA H100 80GB HBM3", mem_total_mib=81559)]
 
     async def one(i: int) -> None:
-        nonlocal sent
         bus = buses[i % conns]
         agent_id = f"sim-{i:05d}"
         subj = subjects.telemetry(agent_id)
@@ -64,14 +64,26 @@ async def agents(url: str, n: int, seconds: float, conns: int) -> int:
                                  ram_total_mib=512_000, price_usd_per_hour=2.0 + i % 7,
                                  latency_ms=5.0, interval_s=1.0)
             await bus.nc.publish(subj, encode(msg))
-            sent += 1
+            on_sent()
             await asyncio.sleep(1.0)
 
-    await asyncio.gather(*(one(i) for i in range(n)))
-    for b in buses:
-        await b.nc.flush()
-        await b.close()
-    return sent
+    try:
+        await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        for b in buses:
+            await b.nc.flush()
+            await b.close()
+
+
+async def agents(url: str, n: int, seconds: float, conns: int) -> int:
+    """Run the simulation for seconds; the number of messages published."""
+    sent = [0]
+
+    def count() -> None:
+        sent[0] += 1
+
+    await simulate_agents(url, n, time.monotonic() + seconds, conns, count)
+    return sent[0]
 
 
 def main() -> None:

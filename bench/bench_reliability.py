@@ -44,7 +44,6 @@ import psutil  # noqa: E402
 from schemas import subjects  # noqa: E402
 from schemas.base import encode, new_id  # noqa: E402
 from schemas.events import JobLog, JobProgress  # noqa: E402
-from schemas.telemetry import AgentTelemetry, GpuInfo  # noqa: E402
 from stratosd.bus import Bus, connect  # noqa: E402
 from stratosd.config import StratosConfig  # noqa: E402
 from stratosd.dispatch import CONSUMER  # noqa: E402
@@ -111,31 +110,13 @@ def slope_mib_per_min(samples: list[tuple[float, float]]) -> float:
 
 
 async def telemetry_agents(url: str, n: int, stop: float, conns: int, load: Load) -> None:
-    """n agents spread over conns connections, each publishing at 1 Hz with jitter."""
-    buses = [Bus(await connect(StratosConfig(nats_url=url), f"sim-{i}")) for i in range(conns)]
-    gpu = [GpuInfo(index=0, model="NVIDIA H100 80GB HBM3", mem_total_mib=81559)]
+    """The ingest bench's simulated agents, counted into load."""
+    from bench.bench_ingest import simulate_agents
 
-    async def one(i: int) -> None:
-        bus = buses[i % conns]
-        agent_id = f"sim-{i:05d}"
-        subj = subjects.telemetry(agent_id)
-        await asyncio.sleep(random.random())
-        seq = 0
-        while time.monotonic() < stop:
-            seq += 1
-            msg = AgentTelemetry(agent_id=agent_id, seq=seq, gpus=gpu, cpu_count=64,
-                                 ram_total_mib=512_000, price_usd_per_hour=2.0 + i % 7,
-                                 latency_ms=5.0, interval_s=1.0)
-            await bus.nc.publish(subj, encode(msg))
-            load.telemetry_sent += 1
-            await asyncio.sleep(1.0)
+    def count() -> None:
+        load.telemetry_sent += 1
 
-    try:
-        await asyncio.gather(*(one(i) for i in range(n)))
-    finally:
-        for b in buses:
-            await b.nc.flush()
-            await b.close()
+    await simulate_agents(url, n, stop, conns, count)
 
 
 async def job_streams(url: str, job_ids: list[str], hz: float, stop: float, load: Load) -> None:

@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="eval-results.json", help="JSON results file")
+    p.add_argument("--no-publish", action="store_true",
+                   help="do not publish the result as an event on the bus")
     add_common(p)
     p.set_defaults(func=main)
 
@@ -61,6 +63,7 @@ def main(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       seed=args.seed)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    published = None if args.no_publish else publish_result(args, result)
     if args.json:
         dump_json(result)
         return 0
@@ -72,4 +75,38 @@ def main(args: argparse.Namespace) -> int:
     print(table(rows, ["TASK", "MODEL", "N", "ACCURACY", "95% CI", "MEAN MS", "P95 MS",
                        "TOK/S"]))
     print(f"results: {args.out}")
+    if published:
+        print(f"event:   {published}")
     return 0
+
+
+def publish_result(args: argparse.Namespace, result: dict[str, Any]) -> str | None:
+    """Publish the result as a JobCompleted(step=evaluate) event; None when no bus is there."""
+    import asyncio
+    import sys
+
+    from schemas import subjects
+    from schemas.base import new_id
+    from schemas.events import JobCompleted
+    from stratosd.ctl.common import open_bus
+    from stratosd.errors import StratosError
+
+    async def go() -> str:
+        bus = await open_bus(args)
+        try:
+            job_id = new_id()
+            subject = subjects.job_event("stratosctl", job_id, "completed")
+            trimmed = {k: v for k, v in result.items() if k != "records"}
+            await bus.publish_event(subject, JobCompleted(
+                job_id=job_id, agent_id="stratosctl", step="evaluate", result=trimmed,
+                source="stratosctl"))
+            return subject
+        finally:
+            await bus.close()
+
+    try:
+        return asyncio.run(go())
+    except (StratosError, Exception) as exc:  # noqa: BLE001 - the result file is what matters
+        print(f"note: result not published as an event ({exc}); use --no-publish to skip",
+              file=sys.stderr)
+        return None

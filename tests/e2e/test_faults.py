@@ -20,44 +20,18 @@ import pytest
 
 from schemas import subjects
 from schemas.base import decode_or_error
-from schemas.commands import GetRun, ListServers, RunInfo, SubmitRun
+from schemas.commands import GetRun, RunInfo, SubmitRun
 from schemas.events import EVENT_DECODER, AgentDown, JobProgress, JobStarted
-from stratosd.bus import Bus, connect
-from stratosd.config import StratosConfig
+from stratosd.bus import Bus
 from stratosd.natsd import NatsServer
 from stratosd.validate import spec_from_data
 from tests.conftest import Proc
-from tests.e2e.jobs import tiny_spec
+from tests.e2e.jobs import agents_up, daemon_ready, open_bus, tiny_spec
 
 pytestmark = pytest.mark.slow
 
 # Fast failure detection: heartbeats every 0.5 s, down after 3 missed, checked twice a second.
 DAEMON_ENV = {"STRATOS_LIVENESS_CHECK_S": "0.5", "STRATOS_MISSED_HEARTBEATS": "3"}
-
-
-async def _bus(url: str) -> Bus:
-    return Bus(await connect(StratosConfig(nats_url=url), "test", retry_for_s=10))
-
-
-async def _daemon_ready(bus: Bus, timeout: float = 30) -> None:
-    async def loop() -> None:
-        while True:
-            try:
-                await bus.nc.request(f"$SRV.PING.{subjects.DAEMON_SERVICE}", b"", timeout=1)
-                return
-            except Exception:  # noqa: BLE001 - not up yet
-                await asyncio.sleep(0.2)
-    await asyncio.wait_for(loop(), timeout)
-
-
-async def _agents_up(bus: Bus, agent_ids: set[str], timeout: float = 60) -> None:
-    async def loop() -> None:
-        while True:
-            servers = (await bus.request(subjects.daemon_cmd("servers"), ListServers())).servers
-            if agent_ids <= {s.offer.id for s in servers if s.offer.status == "up"}:
-                return
-            await asyncio.sleep(0.2)
-    await asyncio.wait_for(loop(), timeout)
 
 
 async def _get_run(bus: Bus, run_id: str) -> RunInfo:
@@ -154,10 +128,10 @@ async def cluster(nats_url: str, tmp_path: Path) -> AsyncIterator[tuple[Cluster,
     c.daemon()
     c.agent("cpu-1")
     c.agent("cpu-2")
-    bus = await _bus(nats_url)
+    bus = await open_bus(nats_url)
     try:
-        await _daemon_ready(bus)
-        await _agents_up(bus, {"cpu-1", "cpu-2"})
+        await daemon_ready(bus)
+        await agents_up(bus, {"cpu-1", "cpu-2"})
         yield c, bus
     finally:
         await bus.close()

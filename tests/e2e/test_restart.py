@@ -10,40 +10,13 @@ import pytest
 
 from schemas import subjects
 from schemas.base import decode_or_error
-from schemas.commands import GetRun, ListServers, SubmitRun
+from schemas.commands import GetRun, SubmitRun
 from schemas.events import EVENT_DECODER, RunCompleted, RunStageStarted
-from stratosd.bus import Bus, connect
-from stratosd.config import StratosConfig
 from stratosd.validate import spec_from_data
 from tests.conftest import Proc
-from tests.e2e.jobs import tiny_spec
+from tests.e2e.jobs import agents_up, daemon_ready, open_bus, tiny_spec
 
 pytestmark = pytest.mark.slow
-
-
-async def _bus(url: str) -> Bus:
-    return Bus(await connect(StratosConfig(nats_url=url), "test", retry_for_s=10))
-
-
-async def _daemon_ready(bus: Bus, timeout: float = 30) -> None:
-    async def loop() -> None:
-        while True:
-            try:
-                await bus.nc.request(f"$SRV.PING.{subjects.DAEMON_SERVICE}", b"", timeout=1)
-                return
-            except Exception:  # noqa: BLE001 - not up yet
-                await asyncio.sleep(0.2)
-    await asyncio.wait_for(loop(), timeout)
-
-
-async def _agent_up(bus: Bus, agent_id: str, timeout: float = 60) -> None:
-    async def loop() -> None:
-        while True:
-            servers = (await bus.request(subjects.daemon_cmd("servers"), ListServers())).servers
-            if any(s.offer.id == agent_id and s.offer.status == "up" for s in servers):
-                return
-            await asyncio.sleep(0.2)
-    await asyncio.wait_for(loop(), timeout)
 
 
 @pytest.mark.timeout(600)
@@ -53,10 +26,10 @@ async def test_daemon_killed_mid_run_resumes(nats_url: str, tmp_path: Path) -> N
                   tmp_path / "d1.log", env)
     agent = Proc(["-m", "agents", "--id", "cpu-1", "--nats", nats_url, "--interval", "0.5",
                   "--log-format", "json"], tmp_path / "agent.log", env)
-    bus = await _bus(nats_url)
+    bus = await open_bus(nats_url)
     try:
-        await _daemon_ready(bus)
-        await _agent_up(bus, "cpu-1")
+        await daemon_ready(bus)
+        await agents_up(bus, {"cpu-1"})
         spec = spec_from_data(tiny_spec("restart"))
         run_id = (await bus.request(subjects.daemon_cmd("submit"), SubmitRun(spec=spec))).ref
         seen: list[object] = []
