@@ -344,18 +344,11 @@ def report(args: argparse.Namespace, load: Load, faults: TestRun | None,
         "(retried, then the row is marked failed and the job continues) and the retry tests "
         "in `tests/plugins/test_teachers.py`.",
         "",
-        "Seen while testing, not yet fixed (the run still completes):",
-        "",
-        "- A bus outage longer than the JetStream publish timeout (5 s) during training fails "
-        "the train job on the agent (`TimeoutError: nats: timeout` from the checkpoint upload "
-        "in `Runner._read_protocol`), and its training child keeps running while the stage is "
-        "retried on the same agent. A failed checkpoint upload should be logged and skipped "
-        "(the next one is uploaded), and a job that fails in the agent should terminate its "
-        "child process group.",
-        "- While the daemon itself is disconnected it keeps counting missed heartbeats, so "
-        "every agent is declared down during an outage (`agent_down`). Liveness should pause "
-        "while the daemon's connection is down and give agents one heartbeat window after it "
-        "reconnects.",
+        "Fixed after they were seen here: a failed checkpoint upload during a bus outage is "
+        "logged and skipped (the next checkpoint is uploaded) and a job that fails in the "
+        "agent has its child process group stopped (`agents/runner.py`); liveness pauses "
+        "while the daemon itself is disconnected, so its own outage does not mark agents "
+        "down (`stratosd/fleet.py`).",
         "",
         "## Bad input",
         "",

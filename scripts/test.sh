@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m ruff check .
+.venv/bin/python -m mypy --strict stratosd agents schemas plugins
 exec .venv/bin/python -m pytest "$@"

@@ -373,8 +373,10 @@ def _md_score(comparison: dict[str, Any]) -> list[str]:
 def render_markdown(run: RunInfo, data: dict[str, Any]) -> str:
     """The whole report as Markdown."""
     s, plots = data["summary"], data["plots"]
+    # the report is the last stage: every other stage has finished when it is written
+    state = "completed" if run.stage == "report" and run.state == "running" else run.state
     out = [f"# Stratos run report: {run.name}", "",
-           f"Run `{run.run_id}`, state **{run.state}** (stage {run.stage}), created "
+           f"Run `{run.run_id}`, state **{state}** (stage {run.stage}), created "
            f"{run.created:%Y-%m-%d %H:%M:%S} UTC, updated {run.updated:%Y-%m-%d %H:%M:%S} UTC.",
            ""]
     if run.error:
