@@ -82,7 +82,7 @@ class Dispatcher:
             return
         sender = subjects.job_event_agent(msg.subject)
         claimed = getattr(event, "agent_id", sender) or sender
-        job_id = getattr(event, "job_id", None) or getattr(event, "endpoint_id", "")
+        job_id = str(getattr(event, "job_id", None) or getattr(event, "endpoint_id", ""))
         expected = self.job_agent.get(job_id)
         if claimed != sender or (expected is not None and expected != sender):
             log.warning("message_rejected", subject=msg.subject, job_id=job_id, agent_id=sender,

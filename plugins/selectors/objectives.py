@@ -146,7 +146,9 @@ def _columns(offers: Sequence[ServerOffer]) -> FloatArray:
 
     # a float array turns None into nan: "no override"
     out[0] = np.array(list(column("hardware_score")), dtype=np.float64).reshape(n)
-    out[1] = np.fromiter(map(_gpu_tflops, column("gpu_model")), np.float64, n)
+    models = list(column("gpu_model"))
+    tflops = {m: _gpu_tflops(m) for m in set(models)}  # fleets repeat a few models
+    out[1] = np.fromiter(map(tflops.__getitem__, models), np.float64, n)
     for row, name in enumerate(
         ("gpu_count", "gpu_mem_mib", "cpu_count", "price_usd_per_hour", "latency_ms"), start=2
     ):
