@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -19,8 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,6 +45,39 @@ def startup(cmd: list[str], n: int = 5) -> float:
         subprocess.run(cmd, capture_output=True, check=True)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def daemon_on_fresh_bus() -> Iterator[tuple[str, int, Path]]:
+    """A nats-server and a `stratosd` process on it (ingest stats every 5 s) for the block:
+    yields the NATS URL, the daemon's pid and its JSON log (readable after the block)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = NatsServer(Path(tmp) / "nats")
+        url = server.start()
+        log = Path(tempfile.mkstemp(prefix="stratosd-bench-", suffix=".log")[1])
+        env = {**os.environ, "STRATOS_HOME": str(Path(tmp) / "home"),
+               "STRATOS_INGEST_REPORT_S": "5", "STRATOS_MISSED_HEARTBEATS": "5"}
+        with log.open("wb") as fh:
+            daemon = subprocess.Popen([sys.executable, "-m", "stratosd", "--nats", url,
+                                       "--log-format", "json"], stdout=fh,
+                                      stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            try:
+                deadline = time.monotonic() + 60
+                while "daemon_started" not in log.read_text(errors="replace"):
+                    if daemon.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit(f"daemon did not start:\n{log.read_text()[-2000:]}")
+                    time.sleep(0.2)
+                yield url, daemon.pid, log
+            finally:
+                daemon.terminate()
+                daemon.wait(30)
+                server.stop()
+
+
+def ingest_windows(log: Path) -> list[dict[str, Any]]:
+    """The daemon's `telemetry_ingest` log lines."""
+    return [json.loads(line) for line in log.read_text(errors="replace").splitlines()
+            if '"telemetry_ingest"' in line]
 
 
 async def simulate_agents(url: str, n: int, stop: float, conns: int,
@@ -97,31 +132,15 @@ def main() -> None:
     py = sys.executable
     print(f"stratosd --help           {startup([py, '-m', 'stratosd', '--help']) * 1000:7.0f} ms")
     print(f"stratosctl servers --help {startup([py, '-m', 'stratosd.ctl', 'servers', '--help']) * 1000:7.0f} ms")  # noqa: E501
-    with tempfile.TemporaryDirectory() as tmp:
-        server = NatsServer(Path(tmp) / "nats")
-        url = server.start()
-        log = Path(tmp) / "daemon.log"
-        env = {**os.environ, "STRATOS_HOME": str(Path(tmp) / "home"),
-               "STRATOS_INGEST_REPORT_S": "5", "STRATOS_MISSED_HEARTBEATS": "5"}
-        with log.open("wb") as fh:
-            daemon = subprocess.Popen([py, "-m", "stratosd", "--nats", url, "--log-format",
-                                       "json"], stdout=fh, stderr=subprocess.STDOUT, env=env)
-            try:
-                while "daemon_started" not in log.read_text():
-                    time.sleep(0.2)
-                proc = psutil.Process(daemon.pid)
-                proc.cpu_percent(None)
-                t0 = time.monotonic()
-                sent = asyncio.run(agents(url, args.agents, args.seconds, args.connections))
-                elapsed = time.monotonic() - t0
-                cpu = proc.cpu_percent(None)
-                time.sleep(6)  # one more report window for the tail of the stream
-            finally:
-                daemon.terminate()
-                daemon.wait(30)
-                server.stop()
-        windows = [json.loads(line) for line in log.read_text().splitlines()
-                   if '"telemetry_ingest"' in line]
+    with daemon_on_fresh_bus() as (url, pid, log):
+        proc = psutil.Process(pid)
+        proc.cpu_percent(None)
+        t0 = time.monotonic()
+        sent = asyncio.run(agents(url, args.agents, args.seconds, args.connections))
+        elapsed = time.monotonic() - t0
+        cpu = proc.cpu_percent(None)
+        time.sleep(6)  # one more report window for the tail of the stream
+    windows = ingest_windows(log)
     full = [w for w in windows if w.get("agents_up", 0) >= args.agents * 0.99] or windows
     rate = statistics.median(w["msgs_per_s"] for w in full) if full else 0.0
     p99 = max((w.get("delay_ms_p99", 0.0) for w in full), default=float("nan"))

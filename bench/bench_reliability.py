@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import platform
 import random
 import re
@@ -48,7 +46,6 @@ from stratosd.bus import Bus, connect  # noqa: E402
 from stratosd.config import StratosConfig  # noqa: E402
 from stratosd.dispatch import CONSUMER  # noqa: E402
 from stratosd.logging import configure_logging  # noqa: E402
-from stratosd.natsd import NatsServer  # noqa: E402
 
 FAULT_TESTS = ["tests/e2e/test_faults.py", "tests/e2e/test_restart.py"]
 FUZZ_TESTS = "tests/schemas/test_fuzz.py"
@@ -175,53 +172,34 @@ async def count_stored(url: str, prefix: str, timeout_s: float = 30.0) -> tuple[
 def run_load(args: argparse.Namespace) -> Load:
     """Start nats-server and a daemon, put the load on, measure."""
     load = Load()
-    py = sys.executable
-    with tempfile.TemporaryDirectory() as tmp:
-        server = NatsServer(Path(tmp) / "nats")
-        url = server.start()
-        log = Path(tmp) / "daemon.log"
-        env = {**os.environ, "STRATOS_HOME": str(Path(tmp) / "home"),
-               "STRATOS_INGEST_REPORT_S": "5", "STRATOS_MISSED_HEARTBEATS": "5"}
-        with log.open("wb") as fh:
-            daemon = subprocess.Popen([py, "-m", "stratosd", "--nats", url, "--log-format",
-                                       "json"], stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                      cwd=ROOT)
-            try:
-                deadline = time.monotonic() + 60
-                while "daemon_started" not in log.read_text(errors="replace"):
-                    if daemon.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit(f"daemon did not start:\n{log.read_text()[-2000:]}")
-                    time.sleep(0.2)
-                sampler = RssSampler(daemon.pid, args.sample_s)
-                sampler.start()
-                proc = psutil.Process(daemon.pid)
-                proc.cpu_percent(None)
-                prefix = f"bench-{new_id()[-8:]}-"
-                job_ids = [f"{prefix}{i:02d}" for i in range(args.jobs)]
-                t0 = time.monotonic()
-                stop = t0 + args.seconds
+    from bench.bench_ingest import daemon_on_fresh_bus, ingest_windows
 
-                async def both() -> None:
-                    await asyncio.gather(
-                        telemetry_agents(url, args.agents, stop, args.connections, load),
-                        job_streams(url, job_ids, args.event_hz, stop, load))
+    with daemon_on_fresh_bus() as (url, pid, log):
+        sampler = RssSampler(pid, args.sample_s)
+        sampler.start()
+        proc = psutil.Process(pid)
+        proc.cpu_percent(None)
+        prefix = f"bench-{new_id()[-8:]}-"
+        job_ids = [f"{prefix}{i:02d}" for i in range(args.jobs)]
+        t0 = time.monotonic()
+        stop = t0 + args.seconds
 
-                asyncio.run(both())
-                load.seconds = time.monotonic() - t0
-                load.cpu_pct = proc.cpu_percent(None)
-                stored, pending, ack_pending = asyncio.run(count_stored(url, prefix))
-                load.events_in_stream = stored
-                load.consumer_pending, load.consumer_ack_pending = pending, ack_pending
-                time.sleep(args.sample_s)  # one more sample after the load
-                sampler.halt.set()
-                sampler.join()
-                load.rss_mib = sampler.samples
-            finally:
-                daemon.terminate()
-                daemon.wait(30)
-                server.stop()
-        windows = [json.loads(line) for line in log.read_text(errors="replace").splitlines()
-                   if '"telemetry_ingest"' in line]
+        async def both() -> None:
+            await asyncio.gather(
+                telemetry_agents(url, args.agents, stop, args.connections, load),
+                job_streams(url, job_ids, args.event_hz, stop, load))
+
+        asyncio.run(both())
+        load.seconds = time.monotonic() - t0
+        load.cpu_pct = proc.cpu_percent(None)
+        stored, pending, ack_pending = asyncio.run(count_stored(url, prefix))
+        load.events_in_stream = stored
+        load.consumer_pending, load.consumer_ack_pending = pending, ack_pending
+        time.sleep(args.sample_s)  # one more sample after the load
+        sampler.halt.set()
+        sampler.join()
+        load.rss_mib = sampler.samples
+    windows = ingest_windows(log)
     full = [w for w in windows if w.get("agents_up", 0) >= args.agents * 0.99] or windows
     load.ingest_rate = statistics.median(w["msgs_per_s"] for w in full) if full else 0.0
     return load

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -44,14 +45,11 @@ def nats_url(nats_server: NatsServer) -> str:
     return nats_server.url
 
 
-@pytest.fixture
-async def daemon(nats_url: str, tmp_path: Path) -> AsyncIterator[Any]:
-    """A Daemon running in this event loop against the test server."""
-    from stratosd.config import DaemonConfig
+@contextlib.asynccontextmanager
+async def running_daemon(cfg: Any) -> AsyncIterator[Any]:
+    """A Daemon with config cfg running in this event loop until the block ends."""
     from stratosd.daemon import Daemon
 
-    cfg = DaemonConfig(nats_url=nats_url, home=str(tmp_path / "home"), liveness_check_s=0.2,
-                       missed_heartbeats=3, kv_flush_s=0.5)
     d = Daemon(cfg)
     task = asyncio.create_task(d.run())
     await asyncio.wait_for(d.ready.wait(), 20)
@@ -60,6 +58,17 @@ async def daemon(nats_url: str, tmp_path: Path) -> AsyncIterator[Any]:
     finally:
         d.stop()
         await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def daemon(nats_url: str, tmp_path: Path) -> AsyncIterator[Any]:
+    """A Daemon running in this event loop against the test server."""
+    from stratosd.config import DaemonConfig
+
+    cfg = DaemonConfig(nats_url=nats_url, home=str(tmp_path / "home"), liveness_check_s=0.2,
+                       missed_heartbeats=3, kv_flush_s=0.5)
+    async with running_daemon(cfg) as d:
+        yield d
 
 
 async def start_agent(nats_url: str, tmp_path: Path, agent_id: str, price: float = 1.0,

@@ -34,7 +34,7 @@ from stratosd.bus import Bus, connect
 from stratosd.config import DaemonConfig, StratosConfig
 from stratosd.errors import BusUnavailable, StratosError
 from stratosd.natsd import NatsServer
-from tests.conftest import start_agent
+from tests.conftest import running_daemon, start_agent
 
 OPERATOR = "alice"
 
@@ -98,20 +98,12 @@ def creds(auth_dir: Path, tmp_path: Path) -> Iterator[Creds]:
 @pytest.fixture
 async def secure_daemon(creds: Creds, tmp_path: Path) -> AsyncIterator[Any]:
     """An in-process daemon logged in as `daemon`."""
-    from stratosd.daemon import Daemon
-
     cfg = DaemonConfig(nats_url=creds.url, nats_user=DAEMON_USER,
                        nats_password_file=str(creds.out / f"{DAEMON_USER}.password"),
                        home=str(tmp_path / "home"), liveness_check_s=0.5, missed_heartbeats=10,
                        kv_flush_s=0.5)
-    d = Daemon(cfg)
-    task = asyncio.create_task(d.run())
-    await asyncio.wait_for(d.ready.wait(), 20)
-    try:
+    async with running_daemon(cfg) as d:
         yield d
-    finally:
-        d.stop()
-        await asyncio.wait_for(task, 30)
 
 
 @pytest.fixture
