@@ -47,6 +47,7 @@ from stratosd.config import StratosConfig  # noqa: E402
 from stratosd.dispatch import CONSUMER  # noqa: E402
 from stratosd.logging import configure_logging  # noqa: E402
 
+SIM_AGENT = "sim-jobs"  # the simulated agent whose jobs publish the events
 FAULT_TESTS = ["tests/e2e/test_faults.py", "tests/e2e/test_restart.py"]
 FUZZ_TESTS = "tests/schemas/test_fuzz.py"
 
@@ -137,7 +138,7 @@ async def job_streams(url: str, job_ids: list[str], hz: float, stop: float, load
                 name = "log"
             load.events_sent += 1
             try:
-                ack = await bus.js.publish(subjects.job_event("sim-jobs", job_id, name),
+                ack = await bus.js.publish(subjects.job_event(SIM_AGENT, job_id, name),
                                            encode(event), headers={"Nats-Msg-Id": event.id})
                 load.events_acked += 1
                 load.events_duplicate += bool(ack.duplicate)
@@ -158,7 +159,7 @@ async def count_stored(url: str, prefix: str, timeout_s: float = 30.0) -> tuple[
         info = await bus.js.stream_info(subjects.EVENTS_STREAM,
                                         subjects_filter=subjects.job_events())
         stored = sum(n for subj, n in (info.state.subjects or {}).items()
-                     if subj.startswith(f"{subjects.PREFIX}.evt.job.{prefix}"))
+                     if subj.startswith(f"{subjects.PREFIX}.evt.job.{SIM_AGENT}.{prefix}"))
         deadline = time.monotonic() + timeout_s
         while True:  # the daemon drains its backlog after the load stops
             ci = await bus.js.consumer_info(subjects.EVENTS_STREAM, CONSUMER)
