@@ -202,14 +202,4 @@ Event = (
     | EndpointRemoved
 )
 
-EVENT_TYPES: tuple[type[Message], ...] = Event.__args__
 EVENT_DECODER = msgspec.json.Decoder(Event)
-
-
-def event_name(event: Message) -> str:
-    """The last subject token of an event: its tag without the run_/job_/agent_ prefix."""
-    tag = str(type(event).__struct_config__.tag)
-    for prefix in ("run_", "job_", "agent_", "endpoint_"):
-        if tag.startswith(prefix):
-            return tag[len(prefix) :]
-    return tag

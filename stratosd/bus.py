@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import io
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -204,17 +202,6 @@ class Bus:
             return False
         return not getattr(info, "deleted", False)
 
-    async def get_artifact_bytes(self, key: str) -> bytes:
-        """Small artifacts in memory."""
-        buf = io.BytesIO()
-        obs = await self.objects()
-        try:
-            res = await obs.get(key)
-        except (ObjectNotFoundError, NotFoundError):
-            raise NotFound(f"artifact {key!r} not found") from None
-        buf.write(res.data or b"")
-        return buf.getvalue()
-
     async def close(self) -> None:
         """Drain (flush pending, unsubscribe) and close."""
         if self.nc.is_connected:
@@ -279,15 +266,3 @@ def _unsupported(data: bytes) -> StratosError:
         kind = "?"
     return Unsupported(f"unsupported command type {kind!r}",
                        hint="upgrade the sender or use a command this side knows")
-
-
-async def wait_for(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.05
-) -> bool:
-    """Poll predicate until true or timeout (used at startup/shutdown, never in tests' asserts)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(interval)
-    return predicate()

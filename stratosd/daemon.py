@@ -61,10 +61,7 @@ class Daemon:
 
     def catalog_offers(self) -> list[ServerOffer]:
         """Every offer from every catalog plugin."""
-        out: list[ServerOffer] = []
-        for name in self.plugins.catalogs.names():
-            out.extend(self.plugins.catalogs.get(name)().offers())
-        return out
+        return self.plugins.catalog_offers()
 
     async def endpoints(self) -> list[EndpointInfo]:
         """Deployed endpoints from KV."""

@@ -161,6 +161,10 @@ class Plugins:
         """Task packs by name."""
         return self._collect("stratos_tasks", "task")
 
+    def catalog_offers(self) -> list[ServerOffer]:
+        """Every offer from every catalog plugin."""
+        return [o for name in self.catalogs.names() for o in self.catalogs.get(name)().offers()]
+
     def task(self, name: str, params: dict[str, Any] | None = None) -> TaskPack:
         """Instantiate a task pack with its params."""
         return self.tasks.get(name)(params or {})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import structlog
 from nats.micro import add_service
 from nats.micro.service import Service
@@ -14,7 +13,6 @@ from schemas.commands import (
     DAEMON_COMMAND_DECODER,
     Accepted,
     CancelRun,
-    EndpointInfo,
     EndpointList,
     GetReport,
     GetRun,
@@ -43,7 +41,6 @@ if TYPE_CHECKING:
     from stratosd.daemon import Daemon
 
 log = structlog.stdlib.get_logger(__name__)
-ENDPOINT_DECODER = msgspec.json.Decoder(EndpointInfo)
 
 
 class ControlService:

@@ -37,8 +37,7 @@ def main(args: argparse.Namespace) -> int:
             from stratosd.plugins import Plugins
 
             plugins = Plugins()
-            offers = [o for n in plugins.catalogs.names()
-                      for o in plugins.catalogs.get(n)().offers()]
+            offers = plugins.catalog_offers()
             name = args.selector or spec.selector
             selector = plugins.selectors.get(name)(
                 spec.selector_params if name == spec.selector else {})
@@ -57,9 +56,7 @@ def main(args: argparse.Namespace) -> int:
             if offers is None:
                 from stratosd.plugins import Plugins
 
-                plugins = Plugins()
-                offers = [o for n in plugins.catalogs.names()
-                          for o in plugins.catalogs.get(n)().offers()]
+                offers = Plugins().catalog_offers()
             path = planning.plot_plan(offers, selection, Path(args.plot))
             print(f"plot: {path}")
         return 0
