@@ -1,19 +1,33 @@
 """Training throughput: the agent's `lora-sft` step against a plain trl script, and MFU.
 
-Both sides train the same model on the same rows (Mahjong difficulty 1, reference reasoning)
-with the same LoRA config, batch, learning rate, steps, precision and torch threads. Tokens/s
-counts non-padding tokens between the Trainer's train-begin and its last step end, measured
-the same way on both sides. MFU = 6 * params * tokens/s over this machine's fp32 matmul
-GFLOP/s (6·P·tokens is the dense-training rule of thumb; LoRA skips the weight gradients of
-frozen layers, so for LoRA it overstates the work by about a third).
+Each run is its own fresh process, so one run's memory and threads cannot slow the next:
+- agent: `python -m agents.worker job.json`, exactly the child an agent spawns for a `train`
+  job (protocol channel on stdout, logs on stderr), with the `lora-sft` trainer plugin;
+- plain: `bench/plain_trl_sft.py`, a trl SFTTrainer + peft script that imports no Stratos code.
+Both train the same local model directory on the same rows (Mahjong difficulty 1, reference
+reasoning) with the same LoRA config, batch, learning rate, steps, seed, precision and torch
+threads. Tokens/s counts non-padding tokens between the Trainer's train-begin and its last
+step end on both sides (both print their token count: equal counts show equal work).
 
-Run: .venv/bin/python bench/bench_train.py [--model config:base] [--steps 30] [--threads 1]
+Runs alternate (plain, agent), (agent, plain), ... so drift in the machine's load hits both
+sides alike. This machine is shared and noisy (the same script varies by 15-25 % between
+runs), so the headline uses the estimator `timeit` uses, applied the same way to both sides:
+for each step k (both sides see the same batches in the same order) the fastest of its
+repeats, summed over the steps: the speed of the loop when nothing else disturbed it. The
+median of per-pair whole-run ratios is printed beside it. MFU = 6 * params * tokens/s over
+this machine's fp32 matmul GFLOP/s (6·P·tokens is the dense-training rule of thumb; LoRA
+skips the weight gradients of frozen layers, so it overstates LoRA's work by about a third).
+
+Run: .venv/bin/python bench/bench_train.py [--model config:base] [--steps 40] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,88 +38,76 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TASK = {"name": "mahjong-winning-tiles", "params": {"difficulty": 1, "n_train": 64, "n_test": 4}}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def write_dataset(path: Path) -> tuple[Path, Any]:
-    """Reference-reasoning rows for the task, in the synthesis step's format."""
+def write_datasets(tmp: Path) -> tuple[Path, Path]:
+    """The same rows twice: DataRow JSONL for the agent, prompt/completion JSONL for trl."""
     import msgspec
 
     from stratosd.api import DataRow
     from stratosd.plugins import get_plugins
 
     task = get_plugins().task(TASK["name"], TASK["params"])
-    rows = []
+    rows, records = [], []
     for ex in task.examples("train"):
         reasoning = task.reference_reasoning(ex.question, ex.answer) or ""
+        target = task.format_target(reasoning, ex.answer)
         rows.append(DataRow(example_id=ex.id, question=ex.question, answer=ex.answer,
-                            reasoning=reasoning, target=task.format_target(reasoning, ex.answer),
-                            teacher="reference", mode="injection", verified=True))
-    path.write_bytes(b"\n".join(msgspec.json.encode(r) for r in rows) + b"\n")
-    return path, task
+                            reasoning=reasoning, target=target, teacher="reference",
+                            mode="injection", verified=True))
+        records.append({"prompt": task.prompt(ex.question), "completion": target})
+    agent_data, plain_data = tmp / "dataset.jsonl", tmp / "prompt_completion.jsonl"
+    agent_data.write_bytes(b"\n".join(msgspec.json.encode(r) for r in rows) + b"\n")
+    plain_data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return agent_data, plain_data
 
 
-def run_agent_step(model: str, data: Path, params: dict[str, Any], work: Path) -> dict[str, Any]:
-    """The agent's path: agents.steps.train.run with the lora-sft plugin."""
-    from agents.stepctx import StepContext
-    from agents.steps import train
-
-    ctx = StepContext(job_id="bench", run_id="bench", step="train", workdir=work,
-                      inputs={"dataset": data},
-                      args={"model": model, "trainer": "lora-sft", "task": TASK,
-                            "params": params, "seed": 0})
-    return train.run(ctx)
-
-
-def run_plain_trl(model_ref: str, data: Path, task: Any, params: dict[str, Any],
-                  work: Path) -> dict[str, Any]:
-    """A plain trl script: SFTTrainer + peft LoRA on prompt/completion records."""
-    import datasets
-    import msgspec
-    import torch
-    from peft import LoraConfig
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    from plugins.models.hf import load_model
-    from stratosd.api import DataRow
-
-    rows = [msgspec.json.decode(line, type=DataRow) for line in data.read_bytes().splitlines()
-            if line.strip()]
-    ds = datasets.Dataset.from_list(
-        [{"prompt": task.prompt(r.question), "completion": r.target} for r in rows])
-    model, tok = load_model(model_ref, for_training=True)
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.t0 = time.monotonic()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.t1 = time.monotonic()
-
-    clock = Clock()
-    config = SFTConfig(
-        output_dir=str(work / "plain"), max_steps=params["max_steps"],
-        learning_rate=params["learning_rate"],
-        per_device_train_batch_size=params["per_device_train_batch_size"],
-        logging_steps=params["logging_steps"], save_strategy="no", report_to="none",
-        use_cpu=not torch.cuda.is_available(), bf16=False, activation_checkpointing=False,
-        max_length=params["max_length"], seed=0, disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
-    )
-    lora = LoraConfig(r=params["lora_r"], lora_alpha=params["lora_alpha"],
-                      target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tok,
-                         peft_config=lora, callbacks=[clock])
-    trainer.train()
-    elapsed = clock.t1 - clock.t0
-    tokens = trainer.state.num_input_tokens_seen
-    return {"tokens_per_s": tokens / elapsed, "train_tokens": tokens, "train_time_s": elapsed}
+def run_agent(model_dir: str, data: Path, opts: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One `train` job through the agent's child entry point; its `result` metrics."""
+    work.mkdir(parents=True)
+    params = {"max_steps": opts.steps, "learning_rate": opts.lr,
+              "per_device_train_batch_size": opts.batch, "logging_steps": 1,
+              "max_length": 512, "lora_r": 8, "lora_alpha": 16,
+              "save_steps": opts.save_steps or 10 * opts.steps, "cpu_threads": opts.threads}
+    job = {"job_id": work.name, "run_id": "bench", "step": "train", "workdir": str(work),
+           "state_dir": str(work / "state"), "inputs": {"dataset": str(data)},
+           "args": {"model": model_dir, "trainer": "lora-sft", "task": TASK,
+                    "params": params, "seed": 0}}
+    (work / "job.json").write_text(json.dumps(job))
+    t0 = time.monotonic()
+    with (work / "stderr.log").open("w") as err:
+        proc = subprocess.run([sys.executable, "-m", "agents.worker", str(work / "job.json")],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True,
+                              check=False)
+    wall = time.monotonic() - t0
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
+    final = lines[-1] if lines else {}
+    if final.get("kind") != "result":
+        sys.exit(f"agent run failed ({final}); see {work / 'stderr.log'}")
+    result = dict(final["result"])
+    result["tokens_per_s"] = result["train_tokens"] / result["train_time_s"]
+    result["wall_s"] = wall
+    result["progress_events"] = sum(1 for x in lines if x.get("kind") == "progress")
+    return result
 
 
-def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> float:
-    """This machine's fp32 matmul throughput (current torch threads), GFLOP/s."""
+def run_plain(model_dir: str, data: Path, opts: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One run of the plain trl script; its JSON line."""
+    cmd = [sys.executable, str(ROOT / "bench" / "plain_trl_sft.py"), "--model-dir", model_dir,
+           "--data", str(data), "--out", str(work), "--steps", str(opts.steps),
+           "--batch", str(opts.batch), "--lr", str(opts.lr), "--threads", str(opts.threads)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"plain trl run failed:\n{proc.stderr[-3000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def matmul_gflops(threads: int, n: int = 1024, seconds: float = 2.0) -> float:
+    """This machine's fp32 matmul throughput with `threads` torch threads, GFLOP/s."""
     import torch
 
+    torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
         a @ b
@@ -116,58 +118,127 @@ def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
+def undisturbed_tokens_per_s(results: list[dict[str, Any]]) -> float:
+    """Tokens over the sum, per step, of the fastest repeat of that step."""
+    per_step = [min(times) for times in zip(*(r["step_times_s"] for r in results), strict=True)]
+    return float(results[0]["train_tokens"]) / sum(per_step)
+
+
+def callback_cost_us(n: int = 20_000) -> tuple[float, float]:
+    """What the Stratos callback adds per step, in-process and noise-free, microseconds.
+
+    Returns (per step: on_step_end + on_log, as the Trainer calls them; per progress report:
+    one JSON line written to a pipe-like channel, sent every `progress_interval_s`).
+    """
+    import types
+
+    from agents.stepctx import StepContext
+    from plugins.trainers.common import make_callback
+    from stratosd.api import TrainContext
+
+    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as channel:
+        step = StepContext(job_id="cb", run_id="cb", step="train", args={}, inputs={},
+                           workdir=Path(tmp), channel=channel)
+        ctx = TrainContext(model="m", train_file=Path(tmp), out_dir=Path(tmp),
+                           checkpoint_dir=Path(tmp), params={}, progress=step.progress,
+                           checkpoint=step.checkpoint, should_stop=step.should_stop)
+        cb = make_callback(ctx, interval_s=3600.0)  # reports timed on their own below
+        state = types.SimpleNamespace(global_step=0, max_steps=10 * n, num_input_tokens_seen=0)
+        cb.on_train_begin(None, state, None)
+        t0 = time.perf_counter()
+        for i in range(n):
+            state.global_step, state.num_input_tokens_seen = i + 1, 1500 * (i + 1)
+            cb.on_log(None, state, None, logs={"loss": 2.5, "grad_norm": 1.0,
+                                               "learning_rate": 1e-3, "num_tokens": 1500.0 * i,
+                                               "mean_token_accuracy": 0.5, "epoch": 1.0})
+            cb.on_step_end(None, state, None)
+        per_step = (time.perf_counter() - t0) / n * 1e6
+        t0 = time.perf_counter()
+        for _ in range(n // 10):
+            cb.report(state, force=True)
+        per_report = (time.perf_counter() - t0) / (n // 10) * 1e6
+    return per_step, per_report
+
+
 def _runs(results: list[dict[str, Any]]) -> str:
     return ", ".join(f"{r['tokens_per_s']:.0f}" for r in results)
 
 
 def main() -> None:
-    """Print agent vs plain tokens/s, their ratio, and MFU."""
-    import torch
-
-    from plugins.students.candidates import param_count
-    from plugins.trainers.common import quiet_libraries
-
+    """Print agent vs plain tokens/s per run, their ratio, wall times and MFU."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="config:base")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--model", default="config:base", help="student ref (config:NAME or a dir)")
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--repeats", type=int, default=5, help="pairs of runs (plain + agent)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads on both sides (1 is least disturbed by other load)")
+    ap.add_argument("--save-steps", type=int, default=0,
+                    help="agent checkpoint interval (0: past the end, as the plain script "
+                         "saves nothing mid-run)")
     opts = ap.parse_args()
-    quiet_libraries()
-    threads = opts.threads if opts.threads > 0 else torch.get_num_threads()
-    torch.set_num_threads(threads)
-    params = {"max_steps": opts.steps, "learning_rate": 3e-3, "per_device_train_batch_size":
-              opts.batch, "logging_steps": 1, "max_length": 512, "lora_r": 8, "lora_alpha": 16,
-              "save_steps": 10 * opts.steps, "cpu_threads": threads}
+
+    from plugins.models.hf import resolve_model
+    from plugins.students.candidates import param_count
+
+    model_dir = resolve_model(opts.model)  # both sides load this directory
     n_params = param_count(opts.model)
-    agent, plain = [], []
-    peaks = [matmul_gflops()]
-    with tempfile.TemporaryDirectory() as tmp:
-        data, task = write_dataset(Path(tmp) / "dataset.jsonl")
-        for i in range(opts.repeats):  # interleaved, best of each: other load on the box varies
-            plain.append(run_plain_trl(opts.model, data, task, params, Path(tmp) / f"p{i}"))
-            agent.append(run_agent_step(opts.model, data, params, Path(tmp) / f"a{i}"))
-            torch.set_num_threads(threads)
-            peaks.append(matmul_gflops())
-    best_agent = max(r["tokens_per_s"] for r in agent)
-    best_plain = max(r["tokens_per_s"] for r in plain)
+    agent: list[dict[str, Any]] = []
+    plain: list[dict[str, Any]] = []
+    pair_ratios: list[float] = []
+    peaks = [matmul_gflops(opts.threads)]
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        agent_data, plain_data = write_datasets(tmp)
+        for i in range(opts.repeats):
+            order = ("plain", "agent") if i % 2 == 0 else ("agent", "plain")
+            for side in order:
+                if side == "plain":
+                    plain.append(run_plain(model_dir, plain_data, opts, tmp / f"p{i}"))
+                else:
+                    agent.append(run_agent(model_dir, agent_data, opts, tmp / f"a{i}"))
+            pair_ratios.append(agent[-1]["tokens_per_s"] / plain[-1]["tokens_per_s"])
+            print(f"pair {i + 1}/{opts.repeats} ({order[0]} first): agent "
+                  f"{agent[-1]['tokens_per_s']:.0f} tok/s, plain {plain[-1]['tokens_per_s']:.0f}"
+                  f" tok/s, ratio {pair_ratios[-1]:.3f}", file=sys.stderr, flush=True)
+            peaks.append(matmul_gflops(opts.threads))
+    fast_agent, fast_plain = undisturbed_tokens_per_s(agent), undisturbed_tokens_per_s(plain)
+    med_agent = statistics.median(r["tokens_per_s"] for r in agent)
+    med_plain = statistics.median(r["tokens_per_s"] for r in plain)
+    ratio = fast_agent / fast_plain
     gflops = max(peaks)  # the machine's peak, measured between runs like the training
-    achieved = 6 * n_params * best_agent / 1e9
-    device = "cuda" if torch.cuda.is_available() else f"cpu ({threads} threads)"
+    achieved = 6 * n_params * fast_agent / 1e9
+    tokens = {r["train_tokens"] for r in agent + plain}
+    if len(tokens) != 1:
+        sys.exit(f"the two sides trained different token counts {sorted(tokens)}: not comparable")
     print(f"model {opts.model}: {n_params / 1e6:.2f}M params, lora-sft r=8, batch {opts.batch}, "
-          f"{opts.steps} steps, best of {opts.repeats}, device {device}")
-    print(f"agent lora-sft step : {best_agent:10.1f} tokens/s  "
-          f"(runs: {_runs(agent)})")
-    print(f"plain trl script    : {best_plain:10.1f} tokens/s  "
-          f"(runs: {_runs(plain)})")
-    print(f"ratio agent/plain   : {best_agent / best_plain:10.3f}  (target >= 0.95)")
-    print(f"fp32 matmul         : {gflops:10.1f} GFLOP/s")
-    print(f"training (6*P*tok/s): {achieved:10.2f} GFLOP/s  MFU {achieved / gflops:.1%}")
-    print(json.dumps({"agent_tokens_per_s": round(best_agent, 1),
-                      "plain_tokens_per_s": round(best_plain, 1),
-                      "ratio": round(best_agent / best_plain, 3),
+          f"{opts.steps} steps, {opts.repeats} pairs, cpu threads {opts.threads}")
+    print(f"tokens trained per run : {tokens.pop()} on both sides (the same batches)")
+    print(f"agent worker (lora-sft): {fast_agent:8.1f} tok/s undisturbed, whole runs median "
+          f"{med_agent:.1f} (runs: {_runs(agent)})")
+    print(f"plain trl script       : {fast_plain:8.1f} tok/s undisturbed, whole runs median "
+          f"{med_plain:.1f} (runs: {_runs(plain)})")
+    print(f"ratio agent/plain      : {ratio:.3f} undisturbed (target >= 0.95); whole runs: "
+          f"median of pairs {statistics.median(pair_ratios):.3f}, pairs "
+          f"{min(pair_ratios):.3f}..{max(pair_ratios):.3f}")
+    print("outside the loop       : agent median "
+          f"{statistics.median(r['wall_s'] - r['train_time_s'] for r in agent):.1f} s, plain "
+          f"median {statistics.median(r['wall_s'] - r['train_time_s'] for r in plain):.1f} s "
+          "per run (process start, imports, model load, data prep, save)")
+    step_s = statistics.median(t for r in agent for t in r["step_times_s"])
+    cb_step, cb_report = callback_cost_us()
+    cb_total = cb_step + cb_report * step_s / 2.0  # one report per 2 s (the default interval)
+    print(f"Stratos callback       : {cb_step:.1f} us per step + {cb_report:.1f} us per progress "
+          f"report = {cb_total / (step_s * 1e6):.5%} of a {step_s:.3f} s step (in-process)")
+    print(f"fp32 matmul            : {gflops:8.1f} GFLOP/s ({opts.threads} thread(s))")
+    print(f"training (6*P*tok/s)   : {achieved:8.2f} GFLOP/s  MFU {achieved / gflops:.1%}")
+    print(json.dumps({"agent_tokens_per_s": round(fast_agent, 1),
+                      "plain_tokens_per_s": round(fast_plain, 1), "ratio": round(ratio, 3),
+                      "agent_median_tokens_per_s": round(med_agent, 1),
+                      "plain_median_tokens_per_s": round(med_plain, 1),
+                      "pair_ratios": [round(r, 3) for r in pair_ratios],
+                      "callback_us_per_step": round(cb_total, 2),
                       "matmul_gflops": round(gflops, 1), "train_gflops": round(achieved, 3),
                       "mfu": round(achieved / gflops, 4)}))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import statistics
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -66,6 +67,7 @@ GRPO_PARAMS: dict[str, str] = {
     "lora_target_modules": LORA_PARAMS["lora_target_modules"],
 }
 
+MAX_STEP_TIMES = 1000  # per-step durations kept in the metrics (bounded: they travel on the bus)
 TINY_MAX_PARAMS = 50_000_000  # below: test-size models trained on CPU in seconds
 LARGE_MIN_PARAMS = 2_000_000_000  # from here: smaller batches, gradient checkpointing
 
@@ -332,13 +334,15 @@ def make_callback(ctx: TrainContext, *, interval_s: float = 2.0) -> Any:
             self._last_report = 0.0
             self._start_step = 0
             self._start_tokens = 0
+            self._last_step_end = self._t0
             self.train_time_s = 0.0
+            self.step_times: list[float] = []
 
         def tokens(self, state: Any) -> int:
             return max(int(state.num_input_tokens_seen or 0), self.logged_tokens)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self._t0 = time.monotonic()
+            self._t0 = self._last_step_end = time.monotonic()
             self._start_step = state.global_step
             self._start_tokens = self.tokens(state)
 
@@ -363,6 +367,9 @@ def make_callback(ctx: TrainContext, *, interval_s: float = 2.0) -> Any:
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             now = time.monotonic()
             self.train_time_s = now - self._t0
+            if len(self.step_times) < MAX_STEP_TIMES:
+                self.step_times.append(now - self._last_step_end)
+            self._last_step_end = now
             if ctx.should_stop():
                 # Save at this step, then leave the loop: the resume continues from here.
                 self.stopped = True
@@ -442,6 +449,10 @@ def run_hf_trainer(trainer: HFTrainer, ctx: TrainContext, callback: Any, name: s
         "resumed_from": resume,
         "checkpoints": list(callback.checkpoints),
         "loss_curve": callback.losses[-200:],
+        # Wall time of each step (loop overhead included), the first MAX_STEP_TIMES of this run.
+        "step_times_s": [round(t, 5) for t in callback.step_times],
+        "step_time_median_s": (round(statistics.median(callback.step_times), 5)
+                               if callback.step_times else None),
     }
 
 

@@ -191,6 +191,10 @@ def test_full_sft_learns_addition(tmp_path: Path) -> None:
     after = accuracy(str(tmp_path / "out"), task, examples)
     assert metrics["final_loss"] < metrics["first_loss"] * 0.5
     assert after >= before + 0.3, (before, after)
+    # One wall time per step, and together they are the timed training window.
+    assert len(metrics["step_times_s"]) == 100
+    assert sum(metrics["step_times_s"]) == pytest.approx(metrics["train_time_s"], rel=0.01)
+    assert min(metrics["step_times_s"]) <= metrics["step_time_median_s"]
 
 
 @pytest.mark.slow
