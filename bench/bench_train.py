@@ -133,7 +133,7 @@ def callback_cost_us(n: int = 20_000) -> tuple[float, float]:
     import types
 
     from agents.stepctx import StepContext
-    from plugins.trainers.common import make_callback
+    from plugins.trainers.callbacks import make_callback
     from stratosd.api import TrainContext
 
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as channel:

@@ -56,7 +56,7 @@ def _args(ctx: StepContext) -> dict[str, Any]:
 def _shots_and_rows(ctx: StepContext, task: Any, k: int) -> tuple[list[Any], Path | None]:
     """Few-shot examples and the probe dataset: teacher rows if given, else reference ones."""
     from plugins.students.candidates import Shot, reference_shots
-    from plugins.trainers.common import read_rows
+    from plugins.trainers.corpus import read_rows
 
     dataset = ctx.inputs.get("dataset")
     if dataset is not None:
@@ -152,7 +152,7 @@ def _verdict(acc: float, drop: float | None, n: int, args: dict[str, Any]) -> tu
 
 
 def _probe_params(train: dict[str, Any]) -> dict[str, Any]:
-    from plugins.trainers.common import COMMON_PARAMS, LORA_PARAMS
+    from plugins.trainers.hparams import COMMON_PARAMS, LORA_PARAMS
 
     keep = set(COMMON_PARAMS) | set(LORA_PARAMS)
     return {k: v for k, v in train.items() if k in keep and k not in ("save_steps", "max_steps")}

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from plugins.trainers import common
+from plugins.trainers import callbacks, common, corpus, hparams
 from stratosd import hookimpl
 from stratosd.api import TaskPack, TrainContext, Trainer
 from stratosd.errors import ConfigError
@@ -49,11 +49,11 @@ class GRPOTrainerPlugin(Trainer):
     @classmethod
     def allowed(cls) -> dict[str, str]:
         """Every param GRPO accepts."""
-        return common.allowed_params(common.GRPO_PARAMS)
+        return hparams.allowed_params(hparams.GRPO_PARAMS)
 
     def train(self, ctx: TrainContext) -> dict[str, Any]:
         """Roll out, reward with the task, update; checkpoints and output as the SFT trainers."""
-        common.check_param_names(self.name, ctx.params, self.allowed())
+        hparams.check_param_names(self.name, ctx.params, self.allowed())
         if ctx.task is None:
             raise ConfigError("grpo needs a task: its answer check is the reward",
                               hint="pass `task` to the train step", field="args.task")
@@ -62,18 +62,18 @@ class GRPOTrainerPlugin(Trainer):
         from plugins.models.hf import load_model
         from plugins.trainers.lora_sft import lora_config
 
-        rows = common.read_rows(ctx.train_file)
+        rows = corpus.read_rows(ctx.train_file)
         common.quiet_libraries()
         common.seed_everything(ctx.seed)
         model, tokenizer = load_model(ctx.model, seed=self.model_seed, for_training=True)
         tokenizer.padding_side = "left"  # GRPO generates from the prompts
         cuda = common.cuda_available()
         n_params = common.param_count_of(model)
-        params = common.resolve_params(self.name, n_params, ctx.params, self.allowed(), cuda=cuda)
-        records = [{"prompt": common.prompt_for(ctx.task, r.question), "answer": r.answer,
+        params = hparams.resolve_params(self.name, n_params, ctx.params, self.allowed(), cuda=cuda)
+        records = [{"prompt": corpus.prompt_for(ctx.task, r.question), "answer": r.answer,
                     "question": r.question} for r in rows]
         config = GRPOConfig(
-            **common.training_kwargs(params, ctx, cuda=cuda),
+            **hparams.training_kwargs(params, ctx, cuda=cuda),
             num_generations=params["num_generations"],
             max_completion_length=params["max_completion_length"],
             temperature=params["temperature"],
@@ -81,17 +81,17 @@ class GRPOTrainerPlugin(Trainer):
             remove_unused_columns=False,
             log_completions=False,
         )
-        callback = common.make_callback(ctx, interval_s=float(params["progress_interval_s"]))
+        callback = callbacks.make_callback(ctx, interval_s=float(params["progress_interval_s"]))
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=make_reward(ctx.task, float(params["verify_bonus"])),
             args=config,
-            train_dataset=common.hf_dataset(records),
+            train_dataset=corpus.hf_dataset(records),
             processing_class=tokenizer,
             peft_config=lora_config(params) if params["lora_r"] else None,
             callbacks=[callback],
         )
-        common.drop_printer(trainer)
+        callbacks.drop_printer(trainer)
         log.info("training_started", trainer=self.name, model=ctx.model, rows=len(rows),
                  params_m=round(n_params / 1e6, 3))
         metrics = common.run_hf_trainer(trainer, ctx, callback, self.name,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from plugins.trainers import common
+from plugins.trainers import common, hparams
 from plugins.trainers.sft import SFTRecipe
 from stratosd import hookimpl
 from stratosd.api import TrainContext, Trainer
@@ -16,7 +16,7 @@ class LoraSFTTrainer(SFTRecipe):
     name: ClassVar[str] = "lora-sft"
     description: ClassVar[str] = "LoRA supervised fine-tuning (trl SFTTrainer + peft)"
     output_kind: ClassVar[str] = "adapter"
-    extra_params: ClassVar[dict[str, str]] = common.LORA_PARAMS
+    extra_params: ClassVar[dict[str, str]] = hparams.LORA_PARAMS
 
     def peft_config(self, params: dict[str, Any]) -> Any:
         """The LoraConfig from params."""

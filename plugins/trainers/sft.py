@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from plugins.trainers import common
+from plugins.trainers import callbacks, common, corpus, hparams
 from stratosd import hookimpl
 from stratosd.api import TrainContext, Trainer
 
@@ -30,7 +30,7 @@ class SFTRecipe(Trainer):
     @classmethod
     def allowed(cls) -> dict[str, str]:
         """Every param this trainer accepts, with its meaning."""
-        return common.allowed_params(cls.extra_params)
+        return hparams.allowed_params(cls.extra_params)
 
     def peft_config(self, params: dict[str, Any]) -> Any:
         """A peft config, or None to train every weight."""
@@ -40,16 +40,16 @@ class SFTRecipe(Trainer):
         """Train on ctx.train_file; checkpoints go to ctx.checkpoint_dir, the model to out_dir."""
         from plugins.models.hf import load_model
 
-        common.check_param_names(self.name, ctx.params, self.allowed())
-        rows = common.read_rows(ctx.train_file)
+        hparams.check_param_names(self.name, ctx.params, self.allowed())
+        rows = corpus.read_rows(ctx.train_file)
         common.quiet_libraries()
         common.seed_everything(ctx.seed)
         model, tokenizer = load_model(ctx.model, seed=self.model_seed, for_training=True)
         cuda = common.cuda_available()
         n_params = common.param_count_of(model)
-        params = common.resolve_params(self.name, n_params, ctx.params, self.allowed(), cuda=cuda)
-        records = common.sft_records(rows, ctx.task, tokenizer.eos_token)
-        dataset = common.hf_dataset(records)
+        params = hparams.resolve_params(self.name, n_params, ctx.params, self.allowed(), cuda=cuda)
+        records = corpus.sft_records(rows, ctx.task, tokenizer.eos_token)
+        dataset = corpus.hf_dataset(records)
         trainer, callback = self.build(model, tokenizer, dataset, params, ctx, cuda=cuda)
         log.info("training_started", trainer=self.name, model=ctx.model, rows=len(rows),
                  params_m=round(n_params / 1e6, 3), resume=str(ctx.resume_from or ""))
@@ -66,14 +66,14 @@ class SFTRecipe(Trainer):
         from trl import SFTConfig, SFTTrainer
 
         config = SFTConfig(
-            **common.training_kwargs(params, ctx, cuda=cuda),
+            **hparams.training_kwargs(params, ctx, cuda=cuda),
             max_length=params["max_length"],
             completion_only_loss=True,
             packing=False,
             dataset_num_proc=None,
             include_num_input_tokens_seen="non_padding",
         )
-        callback = common.make_callback(ctx, interval_s=float(params["progress_interval_s"]))
+        callback = callbacks.make_callback(ctx, interval_s=float(params["progress_interval_s"]))
         trainer = SFTTrainer(
             model=model,
             args=config,
@@ -82,7 +82,7 @@ class SFTRecipe(Trainer):
             peft_config=self.peft_config(params),
             callbacks=[callback],
         )
-        common.drop_printer(trainer)
+        callbacks.drop_printer(trainer)
         return trainer, callback
 
     def save(self, trainer: Any, tokenizer: Any, ctx: TrainContext,

@@ -100,7 +100,7 @@ def test_lora_params_are_refused_by_full_sft(tmp_path: Path) -> None:
 
 
 def test_param_types_are_checked() -> None:
-    from plugins.trainers.common import COMMON_PARAMS, resolve_params
+    from plugins.trainers.hparams import COMMON_PARAMS, resolve_params
 
     with pytest.raises(ConfigError) as err:
         resolve_params("full-sft", 10_000, {"max_steps": "ten"}, COMMON_PARAMS)
@@ -108,7 +108,7 @@ def test_param_types_are_checked() -> None:
 
 
 def test_defaults_follow_model_size_and_overrides_win() -> None:
-    from plugins.trainers.common import LORA_PARAMS, allowed_params, resolve_params
+    from plugins.trainers.hparams import LORA_PARAMS, allowed_params, resolve_params
 
     allowed = allowed_params(LORA_PARAMS)
     tiny = resolve_params("lora-sft", 100_000, {}, allowed)
@@ -123,7 +123,7 @@ def test_defaults_follow_model_size_and_overrides_win() -> None:
 
 
 def test_dataset_errors_name_the_line(tmp_path: Path) -> None:
-    from plugins.trainers.common import read_rows
+    from plugins.trainers.corpus import read_rows
 
     with pytest.raises(ConfigError, match="does not exist"):
         read_rows(tmp_path / "missing.jsonl")
@@ -137,7 +137,7 @@ def test_dataset_errors_name_the_line(tmp_path: Path) -> None:
 
 
 def test_sft_records_are_prompt_and_target_plus_eos() -> None:
-    from plugins.trainers.common import sft_records
+    from plugins.trainers.corpus import sft_records
 
     task = AddTask()
     row = DataRow(example_id="1", question="1+2", answer="3", reasoning="", target="3",

@@ -1,0 +1,170 @@
+"""Trainer hyper-parameters: the names each trainer accepts, defaults by model size, checks.
+
+Defaults follow the parameter count (tiny test models, mid-size, large); a job's overrides win;
+an unknown name or a wrong type is a ConfigError naming the field and listing what is allowed.
+`training_kwargs` maps them onto the TrainingArguments keywords SFTConfig and GRPOConfig share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from stratosd.api import TrainContext
+from stratosd.errors import ConfigError
+
+# Params every trainer understands, with what they mean (shown in errors).
+COMMON_PARAMS: dict[str, str] = {
+    "max_steps": "optimizer steps (-1: use num_train_epochs)",
+    "num_train_epochs": "passes over the dataset when max_steps is -1",
+    "learning_rate": "peak learning rate",
+    "per_device_train_batch_size": "examples per device per micro-batch",
+    "gradient_accumulation_steps": "micro-batches per optimizer step",
+    "max_length": "truncate prompt+completion to this many tokens",
+    "save_steps": "checkpoint every N optimizer steps",
+    "save_total_limit": "checkpoints kept on disk",
+    "logging_steps": "log loss every N steps",
+    "warmup_steps": "warm-up steps (a float below 1 is a fraction of all steps)",
+    "weight_decay": "AdamW weight decay",
+    "lr_scheduler_type": "transformers scheduler name (linear, cosine, constant, ...)",
+    "max_grad_norm": "gradient clipping norm",
+    "gradient_checkpointing": "recompute activations to save memory",
+    "bf16": "bfloat16 mixed precision (GPU)",
+    "progress_interval_s": "seconds between progress reports",
+    "cpu_threads": "torch CPU threads while training (0: torch's default)",
+}
+LORA_PARAMS: dict[str, str] = {
+    "lora_r": "LoRA rank",
+    "lora_alpha": "LoRA scaling alpha",
+    "lora_dropout": "LoRA dropout",
+    "lora_target_modules": "modules that get adapters ('all-linear' or a list of names)",
+}
+GRPO_PARAMS: dict[str, str] = {
+    "num_generations": "completions sampled per prompt",
+    "max_completion_length": "tokens generated per completion",
+    "temperature": "sampling temperature for the rollouts",
+    "beta": "KL coefficient against the reference model (0: no reference model)",
+    "verify_bonus": "extra reward when the task's verifier accepts the reasoning",
+    "lora_r": LORA_PARAMS["lora_r"] + " (0: train full weights)",
+    "lora_alpha": LORA_PARAMS["lora_alpha"],
+    "lora_dropout": LORA_PARAMS["lora_dropout"],
+    "lora_target_modules": LORA_PARAMS["lora_target_modules"],
+}
+
+TINY_MAX_PARAMS = 50_000_000  # below: test-size models trained on CPU in seconds
+LARGE_MIN_PARAMS = 2_000_000_000  # from here: smaller batches, gradient checkpointing
+
+
+def size_defaults(n_params: int, trainer: str, *, cuda: bool = False) -> dict[str, Any]:
+    """Default hyper-parameters for a model of n_params parameters and a trainer name."""
+    full = trainer != "lora-sft"
+    if n_params < TINY_MAX_PARAMS:
+        d: dict[str, Any] = {
+            "learning_rate": 1e-3 if full else 3e-3, "per_device_train_batch_size": 8,
+            "gradient_accumulation_steps": 1, "lora_r": 8, "lora_alpha": 16,
+            "logging_steps": 1, "save_steps": 50, "warmup_steps": 0, "max_length": 512,
+            "gradient_checkpointing": False,
+        }
+    elif n_params < LARGE_MIN_PARAMS:
+        d = {
+            "learning_rate": 2e-5 if full else 2e-4, "per_device_train_batch_size": 8,
+            "gradient_accumulation_steps": 2, "lora_r": 16, "lora_alpha": 32,
+            "logging_steps": 5, "save_steps": 100, "warmup_steps": 0.03, "max_length": 1024,
+            "gradient_checkpointing": False,
+        }
+    else:
+        d = {
+            "learning_rate": 1e-5 if full else 1e-4, "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 4, "lora_r": 16, "lora_alpha": 32,
+            "logging_steps": 10, "save_steps": 100, "warmup_steps": 0.03, "max_length": 1024,
+            "gradient_checkpointing": True,
+        }
+    d.update(
+        max_steps=-1, num_train_epochs=3, save_total_limit=2, weight_decay=0.0,
+        lr_scheduler_type="linear", max_grad_norm=1.0, lora_dropout=0.0,
+        lora_target_modules="all-linear", bf16=cuda and n_params >= TINY_MAX_PARAMS,
+        progress_interval_s=2.0,
+        # Tiny matrices gain nothing from intra-op threads, and lose a lot when cores are shared.
+        cpu_threads=1 if n_params < TINY_MAX_PARAMS and not cuda else 0,
+    )
+    if trainer == "grpo":
+        d.update(
+            learning_rate=1e-5 if n_params >= TINY_MAX_PARAMS else 1e-3,
+            num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+            max_completion_length=32 if n_params < TINY_MAX_PARAMS else 256,
+            temperature=1.0, beta=0.0, verify_bonus=0.5,
+            lora_r=0 if n_params < TINY_MAX_PARAMS else 16,
+        )
+    return d
+
+
+def check_param_names(trainer: str, overrides: Mapping[str, Any],
+                      allowed: Mapping[str, str]) -> None:
+    """Raise ConfigError naming the first unknown param and listing the allowed ones."""
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        listing = ", ".join(sorted(allowed))
+        raise ConfigError(
+            f"unknown training param {unknown[0]!r} for trainer {trainer!r}",
+            hint=f"allowed params: {listing}",
+            field=f"train.{unknown[0]}",
+        )
+
+
+def resolve_params(
+    trainer: str,
+    n_params: int,
+    overrides: Mapping[str, Any],
+    allowed: Mapping[str, str],
+    *,
+    cuda: bool = False,
+) -> dict[str, Any]:
+    """Size defaults for the allowed names, then overrides; an unknown name is a ConfigError."""
+    check_param_names(trainer, overrides, allowed)
+    defaults = size_defaults(n_params, trainer, cuda=cuda)
+    params = {k: v for k, v in defaults.items() if k in allowed}
+    params.update(overrides)
+    for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "save_steps", "logging_steps", "max_length"):
+        if key in params and not isinstance(params[key], int):
+            raise ConfigError(f"training param {key!r} must be an integer, got {params[key]!r}",
+                              hint="pass a whole number", field=f"train.{key}")
+    return params
+
+
+def allowed_params(*extra: Mapping[str, str]) -> dict[str, str]:
+    """COMMON_PARAMS merged with trainer-specific ones."""
+    out = dict(COMMON_PARAMS)
+    for more in extra:
+        out.update(more)
+    return out
+
+
+def training_kwargs(params: Mapping[str, Any], ctx: TrainContext, *, cuda: bool) -> dict[str, Any]:
+    """TrainingArguments keywords shared by SFTConfig and GRPOConfig."""
+    return {
+        "output_dir": str(ctx.checkpoint_dir),
+        "max_steps": params["max_steps"],
+        "num_train_epochs": params["num_train_epochs"],
+        "learning_rate": params["learning_rate"],
+        "per_device_train_batch_size": params["per_device_train_batch_size"],
+        "gradient_accumulation_steps": params["gradient_accumulation_steps"],
+        "save_strategy": "steps",
+        "save_steps": params["save_steps"],
+        "save_total_limit": params["save_total_limit"],
+        "logging_steps": params["logging_steps"],
+        "warmup_steps": params["warmup_steps"],
+        "weight_decay": params["weight_decay"],
+        "lr_scheduler_type": params["lr_scheduler_type"],
+        "max_grad_norm": params["max_grad_norm"],
+        "activation_checkpointing": bool(params["gradient_checkpointing"]),
+        "bf16": bool(params["bf16"]) and cuda,
+        "fp16": False,
+        "use_cpu": not cuda,
+        "seed": ctx.seed,
+        "data_seed": ctx.seed,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "save_only_model": False,  # optimizer, scheduler and RNG state make resume exact
+        "dataloader_num_workers": 0,
+    }
