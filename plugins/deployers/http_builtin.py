@@ -5,116 +5,28 @@ Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` (with `s
 Testing aids: `faults={429: 0.2, 500: 0.1}` fails that share of POSTs (seeded; 429 carries
 `Retry-After`), `delay_s` adds latency per request outside the lock (a remote API).
 Run by hand: `python -m plugins.deployers.http_builtin --model config:tiny --port 8000`.
+This module is the engine (model, sampling, generation, streaming) and the plugin; the HTTP
+layer is `openai_http`, the request/error format `openai_wire`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import queue
 import random
-import socket
 import threading
 import time
-import uuid
-from collections.abc import Generator, Iterator, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Generator, Iterator, Mapping
 from typing import Any, ClassVar
 
 import structlog
 
+from plugins.deployers.openai_http import ConnTrackingServer, Handler
+from plugins.deployers.openai_wire import ApiError, cut_at_stop, field_value, message_text
 from stratosd import hookimpl
 from stratosd.api import DeployContext, Deployer
-from stratosd.errors import StratosError
 
 log = structlog.stdlib.get_logger(__name__)
-
-ROLES = ("system", "developer", "user", "assistant", "tool")
-FAULT_TYPES = {
-    429: ("rate_limit_error", "rate_limit_exceeded"),
-    503: ("server_error", "overloaded"),
-}
-
-
-class ApiError(Exception):
-    """An OpenAI-shaped error reply."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, err_type: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = (
-            status, message, param, code, err_type)
-
-    def body(self) -> dict[str, Any]:
-        """The JSON error object."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any,
-           *, lo: float | None = None, hi: float | None = None) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        raise ApiError(400, f"`{name}` has the wrong type: {value!r}", param=name)
-    number: float = value if isinstance(value, int | float) else 0.0
-    if lo is not None and number < lo or hi is not None and number > hi:
-        raise ApiError(400, f"`{name}` must be between {lo} and {hi}, got {value!r}", param=name)
-    return value
-
-
-def _content(message: Any, i: int) -> str:
-    if not isinstance(message, dict):
-        raise ApiError(400, f"`messages[{i}]` must be an object", param=f"messages[{i}]")
-    if message.get("role") not in ROLES:
-        raise ApiError(400, f"`messages[{i}].role` must be one of {', '.join(ROLES)}",
-                       param=f"messages[{i}].role")
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise ApiError(400, f"`messages[{i}].content` must be a string or a list of text parts",
-                   param=f"messages[{i}].content")
-
-
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    """Tracks open connections so stop() also ends idle keep-alive ones."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        super().__init__(address, handler)
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._conns_lock:
-            self._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._conns_lock:
-            self._conns.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        """Shut every open client connection (their handler threads then exit)."""
-        with self._conns_lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class OpenAIServer:
@@ -147,7 +59,7 @@ class OpenAIServer:
         self._fault_rng = random.Random(fault_seed)
         self._fault_lock = threading.Lock()
         self._gen_lock = threading.Lock()
-        self._httpd: _HTTPServer | None = None
+        self._httpd: ConnTrackingServer | None = None
         self._thread: threading.Thread | None = None
         self.model: Any = None
         self.tokenizer: Any = None
@@ -160,8 +72,8 @@ class OpenAIServer:
         from plugins.models.hf import load_model
 
         self.model, self.tokenizer = load_model(self.model_ref, seed=self.seed)
-        handler = type("Handler", (_Handler,), {"app": self})
-        self._httpd = _HTTPServer((self.host, self.port), handler)
+        handler = type("Handler", (Handler,), {"app": self})
+        self._httpd = ConnTrackingServer((self.host, self.port), handler)
         host, port = self._httpd.server_address[:2]
         host = host.decode() if isinstance(host, bytes) else host
         self.port = int(port)
@@ -216,17 +128,17 @@ class OpenAIServer:
         """max_new_tokens, temperature, seed and stop strings from a request body."""
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        max_tokens = _field({name: max_tokens}, name, int, self.max_new_tokens_cap, lo=1)
+        max_tokens = field_value({name: max_tokens}, name, int, self.max_new_tokens_cap, lo=1)
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop or []
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
             raise ApiError(400, "`stop` must be a string or a list of strings", param="stop")
-        if _field(body, "n", int, 1) != 1:
+        if field_value(body, "n", int, 1) != 1:
             raise ApiError(400, "only `n` = 1 is supported", param="n")
         return {
             "max_new_tokens": min(max_tokens, self.max_new_tokens_cap),
-            "temperature": float(_field(body, "temperature", (int, float), 0.0, lo=0, hi=2)),
-            "seed": _field(body, "seed", int, self.seed),
+            "temperature": float(field_value(body, "temperature", (int, float), 0.0, lo=0, hi=2)),
+            "seed": field_value(body, "seed", int, self.seed),
             "stops": stops,
         }
 
@@ -235,7 +147,7 @@ class OpenAIServer:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "`messages` must be a non-empty list", param="messages")
-        contents = [_content(m, i) for i, m in enumerate(messages)]
+        contents = [message_text(m, i) for i, m in enumerate(messages)]
         if getattr(self.tokenizer, "chat_template", None):
             msgs = [{"role": m["role"], "content": c}
                     for m, c in zip(messages, contents, strict=True)]
@@ -253,7 +165,7 @@ class OpenAIServer:
                                   temperature=opts["temperature"], seed=opts["seed"])
         results = []
         for out in outs:
-            text, stopped = _cut_at_stop(out.text, opts["stops"])
+            text, stopped = cut_at_stop(out.text, opts["stops"])
             results.append({"text": text, "finish_reason": "stop" if stopped
                             else out.finish_reason, "prompt_tokens": out.prompt_tokens,
                             "completion_tokens": out.completion_tokens})
@@ -305,7 +217,7 @@ class OpenAIServer:
                     if stopped:
                         continue  # drain so the worker can finish
                     full += piece
-                    text, stopped = _cut_at_stop(full, stops)
+                    text, stopped = cut_at_stop(full, stops)
                     end = len(text) if stopped else max(sent, len(full) - hold)
                     if end > sent:
                         yield text[sent:end]
@@ -363,173 +275,6 @@ class _TokenStream:
     def __iter__(self) -> Iterator[str]:
         while (item := self.queue.get()) is not self._END:
             yield item
-
-
-class _Handler(BaseHTTPRequestHandler):
-    app: ClassVar[OpenAIServer]
-    protocol_version = "HTTP/1.1"
-    server_version = "stratos-builtin/1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
-        log.debug("http_request", line=format % args)
-
-    def _json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, exc: ApiError, headers: Mapping[str, str] | None = None) -> None:
-        self._json(exc.status, exc.body(), headers)
-
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
-        app = self.app
-        if self.path.rstrip("/") == "/health":
-            self._json(200, {"status": "ok", "model": app.served_name})
-        elif self.path.rstrip("/") == "/v1/models":
-            self._json(200, {"object": "list", "data": [
-                {"id": app.served_name, "object": "model", "created": 0,
-                 "owned_by": "stratos"}]})
-        else:
-            self._error(ApiError(404, f"unknown path {self.path}", code="not_found"))
-
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
-        app = self.app
-        try:
-            route, body = self._parse()
-            fault = app.draw_fault()
-            if fault is not None:
-                self._fault(fault)
-                return
-            if app.delay_s > 0:
-                time.sleep(app.delay_s)  # outside the lock: emulates network/queue latency
-            route(body)
-        except ApiError as exc:
-            self._error(exc)
-        except (BrokenPipeError, ConnectionResetError):
-            log.debug("client_disconnected", path=self.path)
-        except StratosError as exc:
-            self._error(ApiError(400, exc.message))
-        except Exception as exc:  # noqa: BLE001 - a request must never kill the server
-            log.exception("request_failed", path=self.path)
-            self._error(ApiError(500, f"internal error: {type(exc).__name__}",
-                                 err_type="server_error", code="internal_error"))
-
-    def _parse(self) -> tuple[Any, dict[str, Any]]:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        route = {"/v1/chat/completions": self._chat,
-                 "/v1/completions": self._completions}.get(self.path.rstrip("/"))
-        if route is None:
-            raise ApiError(404, f"unknown path {self.path}", code="not_found")
-        try:
-            body = json.loads(raw or b"null")
-        except json.JSONDecodeError as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return route, body
-
-    def _fault(self, status: int) -> None:
-        err_type, code = FAULT_TYPES.get(status, ("server_error", "injected_fault"))
-        headers = {}
-        if status == 429:
-            headers = {"Retry-After": str(max(1, math.ceil(self.app.retry_after_s))),
-                       "retry-after-ms": str(int(self.app.retry_after_s * 1000))}
-        self._error(ApiError(status, f"injected fault {status}", err_type=err_type, code=code),
-                    headers)
-
-    def _envelope(self, kind: str) -> dict[str, Any]:
-        return {"id": f"{kind}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-                "model": self.app.served_name}
-
-    def _chat(self, body: dict[str, Any]) -> None:
-        app = self.app
-        app.check_model(body)
-        prompt = app.chat_prompt(body)
-        opts = app.sampling(body)
-        if _field(body, "stream", bool, False):
-            self._stream(prompt, opts, "chatcmpl", body)
-            return
-        out = app.generate([prompt], opts)[0]
-        self._json(200, {**self._envelope("chatcmpl"), "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": out["text"]},
-             "finish_reason": out["finish_reason"], "logprobs": None}],
-            "usage": _usage([out])})
-
-    def _completions(self, body: dict[str, Any]) -> None:
-        app = self.app
-        app.check_model(body)
-        prompt = body.get("prompt")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts or not all(
-                isinstance(p, str) for p in prompts):
-            raise ApiError(400, "`prompt` must be a string or a non-empty list of strings",
-                           param="prompt")
-        opts = app.sampling(body)
-        if _field(body, "stream", bool, False):
-            if len(prompts) != 1:
-                raise ApiError(400, "`stream` needs a single prompt", param="stream")
-            self._stream(prompts[0], opts, "cmpl", body)
-            return
-        outs = app.generate(prompts, opts)
-        self._json(200, {**self._envelope("cmpl"), "object": "text_completion", "choices": [
-            {"index": i, "text": o["text"], "finish_reason": o["finish_reason"],
-             "logprobs": None} for i, o in enumerate(outs)], "usage": _usage(outs)})
-
-    def _stream(self, prompt: str, opts: Mapping[str, Any], kind: str,
-                body: Mapping[str, Any]) -> None:
-        chat = kind == "chatcmpl"
-        env = {**self._envelope(kind), "object": "chat.completion.chunk" if chat
-               else "text_completion"}
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-
-        def choice(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
-            if not chat:
-                return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            delta: dict[str, Any] = {"role": "assistant"} if first else {}
-            if text is not None:
-                delta["content"] = text
-            return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-
-        def send(payload: Any) -> None:
-            self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
-            self.wfile.flush()
-
-        usage: dict[str, Any] = {}
-        cancelled = threading.Event()
-        if chat:
-            send({**env, "choices": [choice("", None, first=True)]})
-        pieces = self.app.stream(prompt, opts, usage, cancelled)
-        try:
-            for piece in pieces:
-                send({**env, "choices": [choice(piece, None)]})
-        finally:
-            cancelled.set()  # a vanished client stops the generation early
-            pieces.close()  # releases the generation lock now, not at garbage collection
-        send({**env, "choices": [choice(None, usage.get("finish_reason", "stop"))],
-              "usage": _usage([usage])})
-        if include_usage:
-            send({**env, "choices": [], "usage": _usage([usage])})
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
-
-
-def _usage(outs: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    prompt = sum(int(o.get("prompt_tokens", 0)) for o in outs)
-    completion = sum(int(o.get("completion_tokens", 0)) for o in outs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
 
 
 # --- the plugin ----------------------------------------------------------------------------
