@@ -20,7 +20,7 @@ own cost per step measured in-process. MFU = 6 * params * tokens/s over this mac
 matmul GFLOP/s (6·P·tokens is the dense-training rule of thumb; LoRA skips the weight
 gradients of frozen layers, so it overstates LoRA's work by about a third).
 
-Run: .venv/bin/python bench/bench_train.py [--model config:base] [--steps 40] [--repeats 5]
+Run: .venv/bin/python bench/bench_train.py [--model config:base] [--steps 20] [--repeats 10]
 """
 
 from __future__ import annotations
@@ -177,12 +177,16 @@ def main() -> None:
     """Print agent vs plain tokens/s per run, their ratio, wall times and MFU."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="config:base", help="student ref (config:NAME or a dir)")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--repeats", type=int, default=5, help="pairs of runs (plain + agent)")
+    ap.add_argument("--repeats", type=int, default=10,
+                    help="pairs of runs (plain + agent); single pairs here swing +-10 %%, so "
+                         "the median needs about ten")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads on both sides (1 is least disturbed by other load)")
+    ap.add_argument("--raw", type=Path, default=None,
+                    help="also write every run's results (per-step times included) as JSON")
     ap.add_argument("--save-steps", type=int, default=0,
                     help="agent checkpoint interval (0: none mid-run, as in the plain script; "
                          "the agent still writes its resumable checkpoint after the last "
@@ -217,6 +221,9 @@ def main() -> None:
                   f"{agent[-1]['tokens_per_s']:.0f} tok/s, plain {plain[-1]['tokens_per_s']:.0f}"
                   f" tok/s, ratio {pair_ratios[-1]:.3f}", file=sys.stderr, flush=True)
             peaks.append(matmul_gflops(opts.threads))
+    if opts.raw:
+        opts.raw.write_text(json.dumps({"agent": agent, "plain": plain,
+                                        "pair_ratios": pair_ratios}, default=str))
     fast_agent, fast_plain = undisturbed_tokens_per_s(agent), undisturbed_tokens_per_s(plain)
     med_agent = statistics.median(r["tokens_per_s"] for r in agent)
     med_plain = statistics.median(r["tokens_per_s"] for r in plain)
