@@ -4,18 +4,17 @@ a daemon and two agents logged in with their own identities."""
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from stratosd.auth import DAEMON_USER, SERVER_CONFIG
+from stratosd.auth import DAEMON_USER
 from stratosd.config import DaemonConfig
 from stratosd.natsd import NatsServer
 from tests.conftest import running_daemon, start_agent
-from tests.e2e.secure import Creds, auth_init, until
+from tests.e2e.secure import Creds, auth_init, server_config, until
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +27,8 @@ def auth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def creds(auth_dir: Path, tmp_path: Path) -> Iterator[Creds]:
-    """A nats-server with the generated config, per test.
-
-    NatsServer passes -a/-p/-js/-sd after -c; nats-server refuses a store_dir given twice, so
-    the test copy leaves the store dir to the flag (everything else is the generated file).
-    """
-    conf = tmp_path / SERVER_CONFIG
-    text = (auth_dir / SERVER_CONFIG).read_text()
-    conf.write_text(re.sub(r"(?m)^jetstream \{.*\}$", "jetstream: enabled", text, count=1))
-    server = NatsServer(tmp_path / "nats-store", port=-1, config_file=conf)
+    """A nats-server with the generated config and its own JetStream store, per test."""
+    server = NatsServer(tmp_path / "store", port=-1, config_file=server_config(auth_dir, tmp_path))
     server.start()
     try:
         yield Creds(auth_dir, server.url)

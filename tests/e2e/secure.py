@@ -8,16 +8,34 @@ permission errors (how nats reports a denied publish or subscribe).
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 import nats
 
-from stratosd.auth import agent_user
+from stratosd.auth import SERVER_CONFIG, agent_user
 from stratosd.bus import Bus
 from stratosd.config import StratosConfig
 
 OPERATOR = "alice"
+
+
+def server_config(auth_out: Path, dest_dir: Path) -> Path:
+    """The generated nats-server.conf copied into dest_dir, JetStream stored in dest_dir/store.
+
+    NatsServer passes no -sd with a config file, so the store dir must be in the file: each
+    test gets its own, or a run left in one test's KV would be resumed by a later daemon
+    (a bare `jetstream: enabled` would share nats-server's default /tmp/nats across tests).
+    """
+    store = json.dumps(str(dest_dir / "store"))
+    text, n = re.subn(r"(?m)^jetstream \{.*\}$", f"jetstream {{ store_dir: {store} }}",
+                      (auth_out / SERVER_CONFIG).read_text(), count=1)
+    assert n == 1, "auth init wrote no `jetstream { store_dir }` line"
+    conf = dest_dir / SERVER_CONFIG
+    conf.write_text(text)
+    return conf
 
 
 class Creds:

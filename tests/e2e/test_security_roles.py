@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shutil
 import stat
 import subprocess
@@ -26,7 +25,7 @@ from stratosd.bus import Bus, connect
 from stratosd.config import StratosConfig
 from stratosd.errors import BusUnavailable, StratosError
 from stratosd.natsd import NatsServer
-from tests.e2e.secure import OPERATOR, Creds, auth_init, client, password_of
+from tests.e2e.secure import OPERATOR, Creds, auth_init, client, password_of, server_config
 
 # --- the generator ------------------------------------------------------------------------
 
@@ -201,10 +200,7 @@ async def test_tls_bus_with_the_generated_env_files(
     out = tmp_path / "auth"
     assert auth_init(out, "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key),
                      "--tls-ca", str(ca)) == 0
-    conf = tmp_path / SERVER_CONFIG
-    conf.write_text(re.sub(r"(?m)^jetstream \{.*\}$", "jetstream: enabled",
-                           (out / SERVER_CONFIG).read_text()))
-    server = NatsServer(tmp_path / "store", port=port, config_file=conf)
+    server = NatsServer(tmp_path / "store", port=port, config_file=server_config(out, tmp_path))
     server.start()
     try:
         # exactly what systemd's EnvironmentFile= would put in the operator's environment
