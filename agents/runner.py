@@ -41,6 +41,16 @@ log = structlog.stdlib.get_logger(__name__)
 STATUS_DECODER = msgspec.json.Decoder(JobStatus)
 
 
+def worker_argv(job_file: Path) -> list[str]:
+    """The command line of a step's child process (see agents.worker)."""
+    return [sys.executable, "-m", "agents.worker", str(job_file)]
+
+
+def worker_env() -> dict[str, str]:
+    """The child's environment: the agent's, unbuffered, tokenizers without their own threads."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 @dataclass
 class Job:
     """A job on this agent."""
@@ -202,11 +212,11 @@ class Runner:
         cmd = job.cmd
         t0 = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agents.worker", str(job.workdir / "job.json"),
+            *worker_argv(job.workdir / "job.json"),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
             limit=16 * 1024 * 1024,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
+            env=worker_env(),
         )
         job.proc, job.state = proc, "running"
         await self.emit(JobStarted(job_id=cmd.job_id, run_id=run_id, agent_id=self.agent_id,

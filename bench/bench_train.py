@@ -40,7 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TASK = {"name": "mahjong-winning-tiles", "params": {"difficulty": 1, "n_train": 64, "n_test": 4}}
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 LORA_R, LORA_ALPHA, MAX_LENGTH = 8, 16, 512  # passed to both sides
 
 
@@ -68,6 +67,8 @@ def write_datasets(tmp: Path) -> tuple[Path, Path]:
 
 def run_agent(model_dir: str, data: Path, opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One `train` job through the agent's child entry point; its `result` metrics."""
+    from agents.runner import worker_argv, worker_env
+
     work.mkdir(parents=True)
     params = {"max_steps": opts.steps, "learning_rate": opts.lr,
               "per_device_train_batch_size": opts.batch, "logging_steps": 1,
@@ -80,9 +81,8 @@ def run_agent(model_dir: str, data: Path, opts: argparse.Namespace, work: Path) 
     (work / "job.json").write_text(json.dumps(job))
     t0 = time.monotonic()
     with (work / "stderr.log").open("w") as err:
-        proc = subprocess.run([sys.executable, "-m", "agents.worker", str(work / "job.json")],
-                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True,
-                              check=False)
+        proc = subprocess.run(worker_argv(work / "job.json"), cwd=ROOT, env=worker_env(),
+                              stdout=subprocess.PIPE, stderr=err, text=True, check=False)
     wall = time.monotonic() - t0
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
     final = lines[-1] if lines else {}
@@ -91,19 +91,21 @@ def run_agent(model_dir: str, data: Path, opts: argparse.Namespace, work: Path) 
     result = dict(final["result"])
     result["tokens_per_s"] = result["train_tokens"] / result["train_time_s"]
     result["wall_s"] = wall
-    result["progress_events"] = sum(1 for x in lines if x.get("kind") == "progress")
     return result
 
 
 def run_plain(model_dir: str, data: Path, opts: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """One run of the plain trl script; its JSON line."""
+    """One run of the plain trl script (in the agent child's environment); its JSON line."""
+    from agents.runner import worker_env
+
     cmd = [sys.executable, str(ROOT / "bench" / "plain_trl_sft.py"), "--model-dir", model_dir,
            "--data", str(data), "--out", str(work), "--steps", str(opts.steps),
            "--batch", str(opts.batch), "--lr", str(opts.lr), "--threads", str(opts.threads),
            "--lora-r", str(LORA_R), "--lora-alpha", str(LORA_ALPHA),
            "--max-length", str(MAX_LENGTH)]
     t0 = time.monotonic()  # timed like the agent's child: spawn to exit
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(), capture_output=True, text=True,
+                          check=False)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         sys.exit(f"plain trl run failed:\n{proc.stderr[-3000:]}")

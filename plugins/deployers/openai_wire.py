@@ -32,8 +32,7 @@ class ApiError(Exception):
 
 
 def field_value(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...],
-                default: Any,
-                *, lo: float | None = None, hi: float | None = None) -> Any:
+                default: Any, *, lo: float | None = None, hi: float | None = None) -> Any:
     """body[name] (default when absent or null); 400 naming the field on a bad type or range."""
     value = body.get(name, default)
     if value is None:

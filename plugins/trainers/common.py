@@ -2,7 +2,7 @@
 
 Every built-in trainer drives a transformers/trl `Trainer`; this module keeps the run they
 share: seed before any random init, find the checkpoint to resume from, train with the
-Stratos callback (see `callback`), collect the metrics every trainer returns, and write the
+Stratos callback (see `callbacks`), collect the metrics every trainer returns, and write the
 train card and a portable adapter config. Heavy imports happen inside functions.
 """
 
@@ -21,6 +21,7 @@ from stratosd.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import Trainer as HFTrainer
+
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) before any random init (LoRA, data order)."""
