@@ -8,9 +8,15 @@ import sys
 EPILOG = """\
 examples:
   stratos-agent --id gpu-1 --price-per-hour 2.49 --region us-east
-  stratos-agent --id a100-eu --price-per-hour 1.80 --region eu-west --nats nats://daemon:4222
+  stratos-agent --id a100-eu --price-per-hour 1.80 --region eu-west --nats nats://daemon:4222 \\
+      --probe-url eu-west=https://users-eu.example.com/health \\
+      --probe-url us-east=https://users-us.example.com/health
+  stratos-agent --id cpu-1 --threads 4      # every job gets 4 CPU threads; calibrated with 4
 The agent runs only the pipeline steps Stratos defines (probe, prescreen, synthesize, train,
-evaluate, deploy), each in a child process; it never runs arbitrary commands.
+evaluate, deploy), each in a child process; it never runs arbitrary commands. At start (and on
+`stratosctl servers --calibrate`) it measures its capacity in a few seconds: matmul TFLOP/s,
+memory GB/s, disk and upload MB/s (see agents/calibrate.py). Latency is what users see: the
+worst median of the --probe-url targets; without targets it is reported as unknown.
 """
 
 
@@ -29,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--home", help="state directory (default $STRATOS_HOME or ~/.stratos)")
     p.add_argument("--interval", dest="telemetry_interval_s", type=float,
                    help="telemetry period in seconds (default 5)")
-    p.add_argument("--probe-url", help="also time an HTTP GET to this URL for latency")
+    p.add_argument("--probe-url", action="append", metavar="[LABEL=]URL",
+                   help="time HTTP GETs to a URL where users are (repeatable; LABEL names it, "
+                   "e.g. us-east=https://...); latency is the worst target's median")
+    p.add_argument("--threads", dest="job_threads", type=int, metavar="N",
+                   help="CPU threads each job (and the calibration) gets (default 0: torch's "
+                   "default)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_const", const=False,
+                   help="do not measure capacity at start (the calibrate command still works)")
     p.add_argument("--work-dir", help="job directories (default HOME/agents/ID)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["auto", "json", "console"])

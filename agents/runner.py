@@ -46,9 +46,24 @@ def worker_argv(job_file: Path) -> list[str]:
     return [sys.executable, "-m", "agents.worker", str(job_file)]
 
 
-def worker_env() -> dict[str, str]:
-    """The child's environment: the agent's, unbuffered, tokenizers without their own threads."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Steps that train: each holds the agent's whole device set (what the trainer uses) while it
+# runs, so two never share it; the others (probe, synthesize, evaluate, deploy) only count
+# against max_jobs.
+TRAINING_STEPS = frozenset({"train", "prescreen"})
+JOB_THREADS_ENV = "STRATOS_JOB_THREADS"
+
+
+def worker_env(threads: int = 0) -> dict[str, str]:
+    """The child's environment: the agent's, unbuffered, tokenizers without their own threads.
+
+    threads > 0 caps the child's CPU threads: OpenMP/MKL pools and `STRATOS_JOB_THREADS`,
+    which the trainers read as their default `cpu_threads` (0: the libraries' defaults).
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if threads > 0:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   **{JOB_THREADS_ENV: str(threads)})
+    return env
 
 
 @dataclass
@@ -92,12 +107,13 @@ class Runner:
     """Runs RunStep jobs in child processes and reports them on the bus."""
 
     def __init__(self, bus: Bus, agent_id: str, work_dir: Path, *, max_jobs: int = 4,
-                 grace_s: float = 20.0) -> None:
+                 grace_s: float = 20.0, job_threads: int = 0) -> None:
         self.bus = bus
         self.agent_id = agent_id
         self.work_dir = work_dir
         self.max_jobs = max_jobs
         self.grace_s = grace_s
+        self.job_threads = job_threads
         self.jobs: dict[str, Job] = {}
         self._load_finished()
 
@@ -119,6 +135,11 @@ class Runner:
         """Ids of jobs in flight."""
         return [j for j, job in self.jobs.items() if job.state in ("queued", "running")]
 
+    def training_jobs(self) -> list[str]:
+        """Ids of the training jobs in flight: they hold the device set (at most one)."""
+        return [j for j, job in self.jobs.items()
+                if job.cmd.step in TRAINING_STEPS and job.state in ("queued", "running")]
+
     def endpoints(self) -> list[str]:
         """URLs this agent serves."""
         return [job.endpoint_url for job in self.jobs.values()
@@ -138,6 +159,14 @@ class Runner:
             raise BadMessage("job_id", "job_id and run_id must be 1-64 of [a-z0-9_-]")
         if cmd.job_id in self.jobs and self.jobs[cmd.job_id].state != "interrupted":
             return self.jobs[cmd.job_id]
+        if cmd.step in TRAINING_STEPS and (holders := self.training_jobs()):
+            held = self.jobs[holders[0]].cmd
+            raise Conflict(
+                f"agent {self.agent_id} is busy: its devices are held by {held.step} job "
+                f"{held.job_id}" + (f" of run {held.run_id}" if held.run_id else "")
+                + f"; {cmd.step} job {cmd.job_id} was not started",
+                hint="one training job per device set: wait for it to finish, cancel it, or "
+                "pick a server whose offer is not busy")
         if len(self.running()) >= self.max_jobs:
             raise Conflict(f"agent {self.agent_id} is busy ({self.max_jobs} jobs running)",
                            hint="wait, or raise max_jobs in the agent config")
@@ -216,7 +245,7 @@ class Runner:
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
             limit=16 * 1024 * 1024,
-            env=worker_env(),
+            env=worker_env(self.job_threads),
         )
         job.proc, job.state = proc, "running"
         await self.emit(JobStarted(job_id=cmd.job_id, run_id=run_id, agent_id=self.agent_id,

@@ -1,7 +1,8 @@
-"""nats.micro "stratos-agent": run, cancel, job, undeploy on stratos.cmd.agent.{id}.*."""
+"""nats.micro "stratos-agent": run, cancel, job, undeploy, calibrate (stratos.cmd.agent.{id}.*)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from nats.micro import add_service
@@ -9,7 +10,15 @@ from nats.micro.service import Service
 
 from schemas import subjects
 from schemas.base import Message
-from schemas.commands import AGENT_COMMAND_DECODER, Accepted, CancelJob, GetJob, RunStep, Undeploy
+from schemas.commands import (
+    AGENT_COMMAND_DECODER,
+    Accepted,
+    Calibrate,
+    CancelJob,
+    GetJob,
+    RunStep,
+    Undeploy,
+)
 from stratosd import __version__
 from stratosd.bus import micro_handler
 from stratosd.errors import NotFound, Unsupported
@@ -21,10 +30,12 @@ if TYPE_CHECKING:
 class AgentService:
     """Command endpoints: a closed set of typed commands; nothing else ever runs."""
 
-    def __init__(self, nc: Any, agent_id: str, runner: Runner) -> None:
+    def __init__(self, nc: Any, agent_id: str, runner: Runner, *,
+                 calibrate: Callable[[], str] | None = None) -> None:
         self.nc = nc
         self.agent_id = agent_id
         self.runner = runner
+        self.calibrate = calibrate  # starts the benchmarks in the background, returns a state
         self.service: Service | None = None
 
     async def start(self) -> None:
@@ -62,4 +73,10 @@ class AgentService:
                 raise NotFound(f"no endpoint {cmd.endpoint_id!r} on agent {self.agent_id}")
             await self.runner.cancel(cmd.endpoint_id)
             return Accepted(ref=cmd.endpoint_id, state="undeployed", source=self.agent_id)
+        if isinstance(cmd, Calibrate):
+            if self.calibrate is None:
+                raise Unsupported(f"agent {self.agent_id} cannot calibrate",
+                                  hint="run it as stratos-agent (agents.agent.Agent)")
+            # replies at once; the capacity arrives with the heartbeat sent when it is done
+            return Accepted(ref="calibrate", state=self.calibrate(), source=self.agent_id)
         raise Unsupported(f"unsupported command {type(cmd).__name__}")

@@ -9,6 +9,7 @@ import msgspec
 from msgspec import Meta
 
 from schemas.base import Message
+from schemas.costs import JobEstimate, JobWork
 from schemas.errors import ErrorReply
 from schemas.specs import RunSpec, Selection, ServerOffer
 
@@ -51,7 +52,11 @@ class Undeploy(Message, frozen=True, kw_only=True, tag="undeploy"):
     endpoint_id: Token
 
 
-AgentCommand = RunStep | CancelJob | GetJob | Undeploy
+class Calibrate(Message, frozen=True, kw_only=True, tag="calibrate"):
+    """Run the capacity micro-benchmarks again; the result arrives with the next telemetry."""
+
+
+AgentCommand = RunStep | CancelJob | GetJob | Undeploy | Calibrate
 AGENT_COMMAND_DECODER = msgspec.json.Decoder(AgentCommand)
 
 # --- stratosctl → daemon ----------------------------------------------------------
@@ -62,6 +67,7 @@ class SubmitRun(Message, frozen=True, kw_only=True, tag="submit_run"):
 
     spec: RunSpec
     run_id: Token | None = None
+    force: bool = False  # accept an est_train_hours that disagrees with the model
 
 
 class ListRuns(Message, frozen=True, kw_only=True, tag="list_runs"):
@@ -93,10 +99,28 @@ class ListPlugins(Message, frozen=True, kw_only=True, tag="list_plugins"):
 
 
 class PlanRun(Message, frozen=True, kw_only=True, tag="plan_run"):
-    """Dry-run server selection for a spec; nothing is started."""
+    """Dry-run server selection for a spec over what submit would use (live agents);
+    catalog=True adds the offers one could rent. Nothing is started."""
 
     spec: RunSpec
     selector: str | None = None
+    catalog: bool = False
+    force: bool = False  # accept an est_train_hours that disagrees with the model
+
+
+class CalibrateServers(Message, frozen=True, kw_only=True, tag="calibrate_servers"):
+    """Ask agents (all live ones when agent_ids is empty) to re-run their micro-benchmarks."""
+
+    agent_ids: list[Token] = []
+
+
+class ResumeRun(Message, frozen=True, kw_only=True, tag="resume_run"):
+    """Resume a failed or stopped run from its last completed stage, reusing its artifacts.
+
+    `set` overrides spec fields by dotted path (e.g. {"constraints.budget_usd": 12.0})."""
+
+    run_id: Token
+    set: dict[str, Any] = {}
 
 
 class ListEndpoints(Message, frozen=True, kw_only=True, tag="list_endpoints"):
@@ -126,6 +150,8 @@ DaemonCommand = (
     | ListEndpoints
     | UndeployEndpoint
     | GetReport
+    | CalibrateServers
+    | ResumeRun
 )
 DAEMON_COMMAND_DECODER = msgspec.json.Decoder(DaemonCommand)
 
@@ -156,7 +182,7 @@ class RunInfo(msgspec.Struct, frozen=True, kw_only=True):
 
     run_id: str
     name: str
-    state: Literal["queued", "running", "completed", "failed", "cancelled"]
+    state: Literal["queued", "running", "completed", "failed", "cancelled", "stopped"]
     stage: str
     created: datetime
     updated: datetime
@@ -217,6 +243,9 @@ class PlanReply(Message, frozen=True, kw_only=True, tag="plan_reply"):
 
     selection: Selection
     rows: list[dict[str, Any]] = []
+    work: JobWork | None = None  # what the job must do, estimated from the job
+    estimate: JobEstimate | None = None  # the pick, phase by phase
+    notes: list[str] = []  # e.g. catalog offers no agent serves yet
 
 
 class EndpointInfo(msgspec.Struct, frozen=True, kw_only=True):

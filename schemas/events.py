@@ -63,6 +63,27 @@ class RunFailed(Message, frozen=True, kw_only=True, tag="run_failed"):
     hint: str = ""
 
 
+class RunBudgetExhausted(Message, frozen=True, kw_only=True, tag="run_budget_exhausted"):
+    """The run stopped at a safe point before a stage that would exceed its budget.
+
+    Every artifact is kept; `stratosctl resume RUN --set constraints.budget_usd=...` goes on."""
+
+    run_id: str
+    stage: str  # the stage that was not started
+    budget_usd: float
+    spent_usd: float  # measured so far
+    next_usd: float  # estimated cost of the rest of the run
+    message: str = ""
+
+
+class RunResumed(Message, frozen=True, kw_only=True, tag="run_resumed"):
+    """A failed or stopped run was resumed from its last completed stage."""
+
+    run_id: str
+    stage: str
+    changed: dict[str, Any] = {}
+
+
 class RunCancelled(Message, frozen=True, kw_only=True, tag="run_cancelled"):
     """An operator cancelled the run."""
 
@@ -189,6 +210,8 @@ Event = (
     | RunCompleted
     | RunFailed
     | RunCancelled
+    | RunBudgetExhausted
+    | RunResumed
     | JobStarted
     | JobProgress
     | JobLog

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from schemas.telemetry import Capacity
+
 Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
 NonNeg = Annotated[float, Meta(ge=0.0)]
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
@@ -82,7 +84,9 @@ class RunSpec(Strict, frozen=True, kw_only=True):
     train: dict[str, Any] = {}
     deployer: PluginName = "builtin"
     deploy: bool = True
-    est_train_hours: NonNeg = 0.5
+    # optional override: training hours on 1x A100 80GB; by default the cost model estimates
+    # the job's work from the job, and a value far from it is refused without --force
+    est_train_hours: NonNeg | None = None
     score: ScoreWeights = ScoreWeights()
     seed: int = 0
 
@@ -103,6 +107,9 @@ class ServerOffer(msgspec.Struct, frozen=True, kw_only=True):
     region: str = ""
     hardware_score: float | None = None
     status: Literal["up", "down"] = "up"
+    capacity: Capacity | None = None  # measured by the agent; None: the cost model's table
+    latency_known: bool = True  # False: nothing measured it (latency_ms is then meaningless)
+    busy: bool = False  # its device set is held by another training job
 
 
 class Selection(msgspec.Struct, frozen=True, kw_only=True):

@@ -11,6 +11,7 @@ RUNS_BUCKET = "stratos_runs"
 AGENTS_BUCKET = "stratos_agents"
 ENDPOINTS_BUCKET = "stratos_endpoints"
 ARTIFACTS_BUCKET = "stratos_artifacts"
+COSTMODEL_BUCKET = "stratos_costmodel"  # learned efficiency per (hardware, size, trainer, phase)
 
 EVENTS_SUBJECTS = [f"{PREFIX}.evt.>"]
 TELEMETRY_SUBJECTS = [f"{PREFIX}.tlm.>"]
@@ -18,10 +19,10 @@ TELEMETRY_MAX_AGE_S = 3600.0
 
 AGENT_SERVICE = "stratos-agent"
 DAEMON_SERVICE = "stratosd"
-AGENT_VERBS = ("run", "cancel", "job", "undeploy")
+AGENT_VERBS = ("run", "cancel", "job", "undeploy", "calibrate")
 DAEMON_VERBS = (
     "submit", "runs", "run", "cancel", "servers", "plugins", "plan", "endpoints", "undeploy",
-    "report",
+    "report", "calibrate", "resume",
 )
 
 

@@ -11,7 +11,7 @@ import abc
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import msgspec
 
@@ -21,6 +21,9 @@ from schemas.specs import (
     ServerOffer,
     TeacherSpec,
 )
+
+if TYPE_CHECKING:
+    from stratosd.costmodel import JobCosting
 
 # --- servers --------------------------------------------------------------------------
 
@@ -40,10 +43,18 @@ class ServerSelector(abc.ABC):
         offers: Sequence[ServerOffer],
         constraints: Constraints,
         *,
-        est_train_hours: float = 0.5,
+        costing: JobCosting | None = None,
+        est_train_hours: float | None = None,
         seed: int = 0,
     ) -> Selection:
-        """Return the pick with its explanation; raise errors.Infeasible naming the constraint."""
+        """Return the pick with its explanation; raise errors.Infeasible naming the constraint.
+
+        costing: the job's cost model (`stratosd.costmodel.JobCosting`): per-offer seconds, $
+        and effective hardware via `costing.columns(offers)`, a phase-by-phase estimate via
+        `costing.estimate(offer)`. The daemon always passes it; est_train_hours (training
+        hours on 1x A100 80GB) is for callers that have no job, and is ignored when costing
+        is given. `plugins.selectors.objectives.filter_offers` applies the hard constraints
+        with the same numbers the built-in selectors use."""
 
 
 class OfferCatalog(abc.ABC):
@@ -162,6 +173,9 @@ class TeacherBackend(abc.ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    # True for a paid remote API (billed per token, needs a known price); False when the
+    # model runs on the server (its time is billed at the server's $/h)
+    remote: ClassVar[bool] = False
 
     def __init__(self, spec: TeacherSpec, task: TaskPack | None = None) -> None:
         self.spec = spec

@@ -119,7 +119,8 @@ class Bus:
                 await self.js.add_stream(cfg)
             except BadRequestError:
                 await self.js.update_stream(cfg)
-        for bucket in (subjects.RUNS_BUCKET, subjects.AGENTS_BUCKET, subjects.ENDPOINTS_BUCKET):
+        for bucket in (subjects.RUNS_BUCKET, subjects.AGENTS_BUCKET, subjects.ENDPOINTS_BUCKET,
+                       subjects.COSTMODEL_BUCKET):
             self._kv[bucket] = await self.js.create_key_value(
                 bucket=bucket, history=5, storage=js_api.StorageType.FILE
             )

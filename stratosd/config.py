@@ -79,16 +79,26 @@ class DaemonConfig(StratosConfig, kw_only=True, forbid_unknown_fields=True):
 
 
 class AgentConfig(StratosConfig, kw_only=True, forbid_unknown_fields=True):
-    """Agent settings: identity, price, region, telemetry cadence."""
+    """Agent settings: identity, price, region, telemetry cadence, calibration, thread cap."""
 
     agent_id: str = ""
     price_usd_per_hour: Annotated[float, Meta(ge=0)] = 0.0
     region: str = ""
     telemetry_interval_s: Annotated[float, Meta(gt=0)] = 5.0
-    probe_url: str | None = None
+    # user-facing latency targets: "URL" or "LABEL=URL" (e.g. "us-east=https://...")
+    probe_url: str | list[str] | None = None
     work_dir: str | None = None
     max_jobs: Annotated[int, Meta(ge=1)] = 4
     grace_s: Annotated[float, Meta(ge=0)] = 20.0
+    calibrate: bool = True  # measure capacity at start (agents.calibrate)
+    job_threads: Annotated[int, Meta(ge=0)] = 0  # CPU threads per job child; 0: torch default
+
+    @property
+    def probe_urls(self) -> list[str]:
+        """probe_url as a list (one string or several)."""
+        if self.probe_url is None:
+            return []
+        return [self.probe_url] if isinstance(self.probe_url, str) else list(self.probe_url)
 
     @property
     def work_path(self) -> Path:

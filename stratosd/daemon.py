@@ -12,22 +12,23 @@ from nats.js.errors import KeyNotFoundError, NoKeysError
 
 from schemas import subjects
 from schemas.base import Message, encode
-from schemas.commands import EndpointInfo
+from schemas.commands import EndpointInfo, RunInfo
 from schemas.events import EndpointDeployed, EndpointRemoved
 from schemas.specs import ServerOffer
 from stratosd.api import PeriodicJob
 from stratosd.bus import Bus, connect
 from stratosd.config import DaemonConfig
+from stratosd.costmodel.costs import CostModel
 from stratosd.dispatch import Dispatcher
 from stratosd.errors import StratosError
 from stratosd.fleet import Fleet
 from stratosd.natsd import NatsServer
-from stratosd.pipeline import Pipeline
+from stratosd.pipeline import BudgetVerdict, Pipeline
 from stratosd.plugins import Plugins
 from stratosd.runtime import stop_on_signals
 from stratosd.scheduler import build_scheduler
 from stratosd.service import ControlService
-from stratosd.stages import STAGE_FUNCS, Services
+from stratosd.stages import STAGE_FUNCS, Services, budget_check
 from stratosd.store import RunStore
 
 log = structlog.stdlib.get_logger(__name__)
@@ -141,10 +142,17 @@ class Daemon:
                                    on_endpoint=self._on_endpoint)
         self.fleet = Fleet(self.bus, missed_heartbeats=cfg.missed_heartbeats,
                            publish=self.publish, on_down=self._agent_down)
-        self.pipeline = Pipeline(self.store, STAGE_FUNCS, self.publish, retries=cfg.stage_retries)
-        self.pipeline.services = Services(  # type: ignore[attr-defined]
-            bus=self.bus, fleet=self.fleet, dispatch=self.dispatch, plugins=self.plugins,
-            config=cfg)
+        self.costs = CostModel(self.plugins)
+        await self.costs.book.load(self.bus)
+        services = Services(bus=self.bus, fleet=self.fleet, dispatch=self.dispatch,
+                            plugins=self.plugins, config=cfg, costs=self.costs)
+
+        async def check(run: RunInfo, stage: str) -> BudgetVerdict | None:
+            return await budget_check(run, stage, services)
+
+        self.pipeline = Pipeline(self.store, STAGE_FUNCS, self.publish, retries=cfg.stage_retries,
+                                 budget_check=check)
+        self.pipeline.services = services  # type: ignore[attr-defined]
         self.dispatch.on_progress = self.pipeline.on_job_progress
         await self.fleet.start()
         await self.dispatch.start()

@@ -12,7 +12,7 @@ from nats.js import api as js_api
 
 from schemas import subjects
 from schemas.base import decode_or_error
-from schemas.commands import Accepted, CancelJob, GetJob, JobStatus, RunStep, Undeploy
+from schemas.commands import Accepted, Calibrate, CancelJob, GetJob, JobStatus, RunStep, Undeploy
 from schemas.events import (
     EVENT_DECODER,
     EndpointDeployed,
@@ -182,6 +182,14 @@ class Dispatcher:
         """Stop an endpoint on its agent."""
         await self.bus.request(subjects.agent_cmd(agent_id, "undeploy"),
                                Undeploy(endpoint_id=endpoint_id), timeout=self.ack_timeout_s)
+
+    async def calibrate(self, agent_id: str) -> Accepted:
+        """Ask an agent to re-run its capacity benchmarks (it replies at once; the figures
+        arrive with its telemetry). A busy agent's refusal comes back as RemoteError."""
+        reply = await self.bus.request(subjects.agent_cmd(agent_id, "calibrate"),
+                                       Calibrate(source="stratosd"), timeout=self.ack_timeout_s)
+        assert isinstance(reply, Accepted)
+        return reply
 
     def raise_for(self, job_id: str, outcome: Outcome) -> None:
         """Raise the matching StratosError for a job that did not complete."""

@@ -280,10 +280,19 @@ class Fleet:
             cpu_count=t.cpu_count,
             ram_mib=t.ram_total_mib,
             price_usd_per_hour=t.price_usd_per_hour,
+            # unknown latency (no --probe-url answered) is latency_known=False; 0.0 is only a
+            # placeholder the field's type needs, never a measurement
             latency_ms=t.latency_ms if t.latency_ms is not None else 0.0,
+            latency_known=t.latency_ms is not None,
             region=t.region,
             status="up" if st.status == "up" else "down",
+            capacity=t.capacity,
+            busy=bool(t.training_jobs),
         )
+
+    def live(self) -> list[str]:
+        """Ids of the agents that are up, sorted."""
+        return sorted(a for a, st in self.agents.items() if st.status == "up")
 
     def offers(self, *, include_down: bool = False) -> list[ServerOffer]:
         """Live agents as offers (the candidates a run can execute on)."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -16,10 +18,12 @@ from schemas.base import Message, new_id, utc_now
 from schemas.commands import RunInfo
 from schemas.events import (
     JobProgress,
+    RunBudgetExhausted,
     RunCancelled,
     RunCompleted,
     RunFailed,
     RunProgress,
+    RunResumed,
     RunStageCompleted,
     RunStageStarted,
     RunSubmitted,
@@ -27,6 +31,7 @@ from schemas.events import (
 from schemas.specs import RunSpec
 from stratosd.errors import (
     AgentUnavailable,
+    ConfigError,
     Conflict,
     JobFailed,
     NotFound,
@@ -48,7 +53,22 @@ STAGES: tuple[str, ...] = (
     "report",
 )
 RETRYABLE = (AgentUnavailable, JobFailed)
+# a resume takes these up again; "cancelled" too: cancelling keeps every result and artifact
+RESUMABLE = ("failed", "stopped", "cancelled")
 StageFn = Callable[["StageRun"], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class BudgetVerdict:
+    """Starting the next stage would exceed the run's budget (all amounts in USD)."""
+
+    budget_usd: float  # the run's constraints.budget_usd
+    spent_usd: float  # measured so far
+    next_usd: float  # estimated cost of the rest of the run, from this stage on
+    message: str = ""  # optional detail from the cost model (what the estimate is made of)
+
+
+BudgetCheck = Callable[[RunInfo, str], Awaitable[BudgetVerdict | None]]
 
 
 class StageRun:
@@ -95,11 +115,16 @@ class Pipeline:
         publish: Callable[[str, Message], Awaitable[None]],
         *,
         retries: int = 2,
+        backoff_s: float = 2.0,
+        budget_check: BudgetCheck | None = None,
     ) -> None:
         self.store = store
         self.stages = stages
         self.publish = publish
         self.retries = retries
+        self.backoff_s = backoff_s
+        # awaited before every stage attempt (a safe point); a verdict stops the run there
+        self.budget_check = budget_check
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.live: dict[str, StageRun] = {}
         self.job_run: dict[str, tuple[str, str]] = {}
@@ -160,6 +185,47 @@ class Pipeline:
                            RunCancelled(run_id=run_id, stage=run.stage, source="stratosd"))
         return run
 
+    async def resume(self, run_id: str, overrides: dict[str, Any]) -> RunInfo:
+        """Go on with a failed, stopped or cancelled run from its last completed stage.
+
+        Stages with a stored result are kept and skipped. The stage that did not finish runs
+        again with its retries available again; its attempt numbers keep counting upward
+        (`attempts_{stage}`), so its jobs get new ids (`{key}#{attempt}`) and never meet the
+        failed attempt's job. overrides: dotted spec paths → values, validated before
+        anything is written (ConfigError names the path).
+        """
+        run = await self.store.get(run_id)
+        if run.state == "completed":
+            raise Conflict(f"run {run_id} already completed: nothing to resume",
+                           hint="submit the job again to train anew: stratosctl submit JOB.toml")
+        task = self.tasks.get(run_id)
+        if task is not None and not task.done() and run.state in RESUMABLE:
+            # the run's task has stored its end and is returning; let it
+            await asyncio.wait({task}, timeout=10)
+            run = await self.store.get(run_id)
+        if run.state not in RESUMABLE or (task is not None and not task.done()):
+            raise Conflict(f"run {run_id} is already running (stage {run.stage})",
+                           hint=f"follow it with `stratosctl watch {run_id}`")
+        spec = apply_overrides(run.spec, overrides)
+        services = getattr(self, "services", None)
+        if services is not None and overrides:
+            from stratosd.validate import validate_spec
+
+            validate_spec(spec, services.plugins)
+        stage = run.stage if run.stage in STAGES else \
+            next((s for s in STAGES if s not in run.results), STAGES[-1])
+        # retries count from here; the attempt number itself goes on (new job ids)
+        base = int(run.progress.get(f"attempts_{stage}", 0))
+        run = await self.store.save(run, spec=spec, state="running", stage=stage, error=None,
+                                    progress={**run.progress, f"retry_base_{stage}": base})
+        await self.publish(subjects.run_event(run_id, "resumed"),
+                           RunResumed(run_id=run_id, stage=stage, changed=dict(overrides),
+                                      source="stratosd"))
+        log.info("run_resumed", run_id=run_id, stage=stage, changed=sorted(overrides),
+                 by="operator")
+        self.start(run_id)
+        return run
+
     async def on_job_progress(self, event: JobProgress) -> None:
         """Forward a job's progress as run progress (what `stratosctl watch` draws)."""
         stage_run = self.live.get(event.run_id)
@@ -196,7 +262,10 @@ class Pipeline:
             if stage in run.results:
                 continue
             attempt = int(run.progress.get(f"attempts_{stage}", 0)) + 1
+            base = int(run.progress.get(f"retry_base_{stage}", 0))
             while True:
+                if await self._over_budget(run, stage):
+                    return
                 run = await self.store.save(
                     run, stage=stage, progress={**run.progress, f"attempts_{stage}": attempt})
                 with structlog.contextvars.bound_contextvars(stage=stage):
@@ -211,11 +280,13 @@ class Pipeline:
                         result = await self.stages[stage](ctx)
                     except RETRYABLE as exc:
                         run = await self.store.get(run_id)
-                        if attempt > self.retries:
+                        tries = attempt - base  # since the submit or the last resume
+                        if tries > self.retries:
                             await self._fail(run, stage, exc)
                             return
                         log.warning("stage_retry", attempt=attempt, error=exc.message)
-                        await asyncio.sleep(min(30.0, 2.0**attempt))  # backoff before retrying
+                        # backoff before retrying
+                        await asyncio.sleep(min(30.0, self.backoff_s * 2.0 ** (tries - 1)))
                         attempt += 1
                         continue
                     except StratosError as exc:
@@ -238,6 +309,36 @@ class Pipeline:
                            RunCompleted(run_id=run_id, summary=summary, source="stratosd"))
         log.info("run_completed")
 
+    async def _over_budget(self, run: RunInfo, stage: str) -> bool:
+        """Ask the budget check before a stage attempt; on a verdict, stop the run there."""
+        if self.budget_check is None:
+            return False
+        try:
+            verdict = await self.budget_check(run, stage)
+        except StratosError as exc:  # the check itself says why it cannot decide
+            await self._fail(await self.store.get(run.run_id), stage, exc)
+            return True
+        if verdict is None:
+            return False
+        await self._stop_for_budget(await self.store.get(run.run_id), stage, verdict)
+        return True
+
+    async def _stop_for_budget(self, run: RunInfo, stage: str, verdict: BudgetVerdict) -> None:
+        """State "stopped" at stage; results, jobs and artifacts stay for `stratosctl resume`."""
+        message = budget_message(stage, verdict)
+        hint = resume_hint(run.run_id, verdict.spent_usd, verdict.next_usd)
+        await self.store.save(run, state="stopped", stage=stage,
+                              error={"code": "budget_exhausted", "message": message,
+                                     "hint": hint})
+        await self.publish(subjects.run_event(run.run_id, "budget_exhausted"),
+                           RunBudgetExhausted(run_id=run.run_id, stage=stage,
+                                              budget_usd=verdict.budget_usd,
+                                              spent_usd=verdict.spent_usd,
+                                              next_usd=verdict.next_usd, message=message,
+                                              source="stratosd"))
+        log.warning("run_budget_exhausted", stage=stage, budget_usd=verdict.budget_usd,
+                    spent_usd=verdict.spent_usd, next_usd=verdict.next_usd)
+
     async def _fail(self, run: RunInfo, stage: str, exc: StratosError) -> None:
         error = {"code": exc.code, "message": exc.message, "hint": exc.hint}
         if exc.field:
@@ -253,3 +354,70 @@ class Pipeline:
         for task in self.tasks.values():
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+
+def budget_message(stage: str, verdict: BudgetVerdict) -> str:
+    """The plain-words reason a run stopped before stage."""
+    text = (f"stopped before {stage}: ${verdict.spent_usd:.2f} of the ${verdict.budget_usd:.2f} "
+            f"budget is spent and the rest of the run needs about ${verdict.next_usd:.2f}")
+    return f"{text} ({verdict.message})" if verdict.message else text
+
+
+def suggested_budget(spent_usd: float, next_usd: float) -> float:
+    """A budget above spent + next: 10 % headroom, whole dollars (cents below $1)."""
+    need = (spent_usd + next_usd) * 1.1
+    if need >= 1.0:
+        return float(math.floor(need) + 1)
+    return math.floor(need * 100 + 1) / 100
+
+
+def resume_hint(run_id: str, spent_usd: float, next_usd: float) -> str:
+    """The command that raises the budget and goes on."""
+    budget = suggested_budget(spent_usd, next_usd)
+    return (f"raise the budget above ${spent_usd + next_usd:.2f} and go on: "
+            f"stratosctl resume {run_id} --set constraints.budget_usd={budget:g}")
+
+
+def apply_overrides(spec: RunSpec, overrides: dict[str, Any]) -> RunSpec:
+    """spec with each dotted path set to its value (`constraints.budget_usd`, `train.max_steps`,
+    `teachers.0.model`); ConfigError names the first path that is not a field or gets a bad
+    value."""
+    from stratosd.validate import spec_from_data
+
+    data = msgspec.to_builtins(spec)
+    for path, value in overrides.items():
+        _set_path(data, path, value)
+        # one path at a time, so the error names the path that caused it
+        try:
+            spec = spec_from_data(data, origin=f"set {path}={msgspec.json.encode(value).decode()}")
+        except ConfigError as exc:
+            raise ConfigError(exc.message, hint="use a field of the job TOML with a value it "
+                              "accepts (see `stratosctl status RUN --json` for the spec)",
+                              field=path) from None
+    return spec
+
+
+def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    hint = "give a dotted field path of the job TOML, e.g. constraints.budget_usd"
+    if not all(parts):
+        raise ConfigError(f"set {path!r}: not a dotted field path", hint=hint, field=path)
+    node: Any = data
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i])
+        key: int | str = part
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"set {path}: {where} has {len(node)} entries, "
+                                  f"no index {part!r}", hint=hint, field=path)
+            key = int(part)
+        elif not isinstance(node, dict):
+            what = "not set" if node is None else f"the value {node!r}"
+            raise ConfigError(f"set {path}: {where} is {what}, not a table",
+                              hint=f"set {where} itself", field=path)
+        elif i < len(parts) - 1:
+            node.setdefault(part, {})  # a new key of a free-form table (train.synthesis.n)
+        if i == len(parts) - 1:
+            node[key] = value
+        else:
+            node = node[key]

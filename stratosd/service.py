@@ -12,6 +12,7 @@ from schemas import subjects
 from schemas.commands import (
     DAEMON_COMMAND_DECODER,
     Accepted,
+    CalibrateServers,
     CancelRun,
     EndpointList,
     GetReport,
@@ -24,6 +25,7 @@ from schemas.commands import (
     PlanRun,
     PluginList,
     ReportReply,
+    ResumeRun,
     RunList,
     RunReply,
     ServerList,
@@ -35,6 +37,9 @@ from stratosd import __version__
 from stratosd.bus import micro_handler
 from stratosd.errors import Conflict, NotFound, Unsupported
 from stratosd.validate import validate_spec
+
+if TYPE_CHECKING:
+    from schemas.specs import RunSpec
 
 if TYPE_CHECKING:
     from schemas.base import Message
@@ -71,6 +76,7 @@ class ControlService:
         d = self.d
         if isinstance(cmd, SubmitRun):
             validate_spec(cmd.spec, d.plugins)
+            await self._check_costs(cmd.spec, force=cmd.force)
             run = await d.pipeline.submit(cmd.spec, cmd.run_id)
             return Accepted(ref=run.run_id, state=run.state, source="stratosd")
         if isinstance(cmd, ListRuns):
@@ -107,7 +113,38 @@ class ControlService:
                                hint="wait for the run to finish: stratosctl watch ID")
             return ReportReply(run_id=run.run_id, paths=dict(rep.get("paths", {})),
                                report=dict(rep.get("report", rep)), source="stratosd")
+        if isinstance(cmd, CalibrateServers):
+            from stratosd.calibration import calibrate_agents
+
+            asked = await calibrate_agents(d.fleet, d.dispatch, cmd.agent_ids)
+            return Accepted(ref="calibrate", state="calibrating", detail={"agents": asked},
+                            source="stratosd")
+        if isinstance(cmd, ResumeRun):
+            run = await d.pipeline.resume(cmd.run_id, cmd.set)
+            return Accepted(ref=run.run_id, state=run.state, source="stratosd")
         raise Unsupported(f"unsupported command {type(cmd).__name__}")
+
+    async def _check_costs(self, spec: RunSpec, *, force: bool) -> None:
+        """Refuse at submit what would fail later: an est_train_hours far from the model, or
+        a job whose estimate breaks the budget (or another constraint) on every live server.
+        Servers that are only busy are fine: the run queues for them."""
+        import asyncio
+
+        from stratosd.errors import Infeasible
+
+        d = self.d
+        offers = d.fleet.offers()
+        await asyncio.to_thread(d.costs.check_given, spec, offers, force=force)
+        if not offers:
+            return  # select_server says so, once the run starts
+        selector = d.plugins.selectors.get(spec.selector)(spec.selector_params)
+        try:
+            costing = await asyncio.to_thread(d.costs.costing, spec)
+            await asyncio.to_thread(selector.select, offers, spec.constraints, costing=costing,
+                                    seed=spec.seed)
+        except Infeasible as exc:
+            if exc.field != "constraints.busy":
+                raise
 
     async def _plan(self, cmd: PlanRun) -> PlanReply:
         import asyncio
@@ -119,9 +156,14 @@ class ControlService:
         name = cmd.selector or spec.selector
         selector = d.plugins.selectors.get(name)(
             spec.selector_params if name == spec.selector else {})
-        offers = d.fleet.offers() + d.catalog_offers()
+        live = d.fleet.offers()
+        offers = live + (d.catalog_offers() if cmd.catalog else [])
+        await asyncio.to_thread(d.costs.check_given, spec, offers, force=cmd.force)
+        costing = await asyncio.to_thread(d.costs.costing, spec)
         selection = await asyncio.to_thread(
-            selector.select, offers, spec.constraints, est_train_hours=spec.est_train_hours,
-            seed=spec.seed)
-        rows = planning.plan_rows(selection, offers, spec.constraints, spec.est_train_hours)
-        return PlanReply(selection=selection, rows=rows, source="stratosd")
+            selector.select, offers, spec.constraints, costing=costing, seed=spec.seed)
+        rows = planning.plan_rows(selection, offers, spec.constraints, costing)
+        notes = planning.plan_notes(selection, live, offers, catalog=cmd.catalog)
+        return PlanReply(selection=selection, rows=rows, work=costing.work,
+                         estimate=costing.estimate(selection.chosen), notes=notes,
+                         source="stratosd")

@@ -9,15 +9,18 @@ from typing import Any
 import msgspec
 import structlog
 
+from schemas import subjects
 from schemas.base import to_builtins
-from schemas.commands import RunStep
+from schemas.commands import RunInfo, RunStep
+from schemas.events import RunProgress
 from schemas.specs import ServerOffer, TeacherScore
 from stratosd.bus import Bus
 from stratosd.config import DaemonConfig
+from stratosd.costmodel.costs import STAGE_PHASE, CostModel
 from stratosd.dispatch import Dispatcher, Outcome
 from stratosd.errors import AgentUnavailable, ConfigError, Infeasible
 from stratosd.fleet import Fleet
-from stratosd.pipeline import StageFn, StageRun
+from stratosd.pipeline import BudgetVerdict, StageFn, StageRun
 from stratosd.plugins import Plugins
 
 log = structlog.stdlib.get_logger(__name__)
@@ -33,6 +36,7 @@ class Services:
     dispatch: Dispatcher
     plugins: Plugins
     config: DaemonConfig
+    costs: CostModel
 
 
 def services(ctx: StageRun) -> Services:
@@ -49,11 +53,27 @@ def stage_params(ctx: StageRun, key: str) -> dict[str, Any]:
 
 
 async def select(ctx: StageRun, offers: list[ServerOffer]) -> Any:
-    """Run the job's selector over offers in a thread (big fleets take a few ms)."""
+    """Run the job's selector over offers with the run's costing, in a thread (the work
+    estimate reads the task data; big fleets take a few ms)."""
     svc = services(ctx)
     selector = svc.plugins.selectors.get(ctx.spec.selector)(ctx.spec.selector_params)
-    return await asyncio.to_thread(selector.select, offers, ctx.spec.constraints,
-                                   est_train_hours=ctx.spec.est_train_hours, seed=ctx.spec.seed)
+    phases = [STAGE_PHASE[s] for s in STAGE_PHASE if s not in ctx.run.results]
+
+    def pick() -> Any:
+        costing = svc.costs.costing(ctx.spec, ctx.run, phases=phases)
+        return selector.select(offers, ctx.spec.constraints, costing=costing,
+                               seed=ctx.spec.seed)
+
+    return await asyncio.to_thread(pick)
+
+
+def run_offer(ctx: StageRun) -> ServerOffer:
+    """The server the run is on now (its agent's live offer, else the one selected)."""
+    svc = services(ctx)
+    agent = ctx.run.progress.get("agent_id") or ctx.result("select_server").get("agent_id")
+    if agent and agent in svc.fleet.agents:
+        return svc.fleet.offer(str(agent))
+    return msgspec.convert(ctx.result("select_server")["selection"]["chosen"], ServerOffer)
 
 
 async def agent_for(ctx: StageRun) -> str:
@@ -123,16 +143,99 @@ def task_args(ctx: StageRun) -> dict[str, Any]:
     return dict(to_builtins(ctx.spec.task))
 
 
+QUEUE_POLL_S = 2.0
+
+
 async def select_server(ctx: StageRun) -> dict[str, Any]:
-    """Pick a server among live agents with the job's selector."""
+    """Pick a server among live agents with the job's selector; while every fitting server is
+    busy with another run's training, wait in the queue instead of failing."""
     svc = services(ctx)
-    offers = svc.fleet.offers()
-    if not offers:
-        raise Infeasible("no live agent to run on",
-                         hint="start stratos-agent on a host (see README), then resubmit")
-    selection = await select(ctx, offers)
-    return {"selection": to_builtins(selection), "agent_id": selection.chosen.agent_id,
-            "offers": [to_builtins(o) for o in offers]}
+    waited = 0.0
+    while True:
+        offers = svc.fleet.offers()
+        if not offers:
+            raise Infeasible("no live agent to run on",
+                             hint="start stratos-agent on a host (see README), then resubmit")
+        try:
+            selection = await select(ctx, offers)
+            break
+        except Infeasible as exc:
+            if exc.field != "constraints.busy":
+                raise
+            if waited % 30.0 == 0.0:  # at once, then every 30 s: the queue is visible
+                log.info("run_queued", reason=exc.message, waited_s=waited)
+                await ctx.pipeline.publish(
+                    subjects.run_event(ctx.run_id, "progress"),
+                    RunProgress(run_id=ctx.run_id, stage=ctx.stage, unit="s", done=waited,
+                                message=f"queued: {exc.message}", source="stratosd"))
+            await asyncio.sleep(QUEUE_POLL_S)
+            waited += QUEUE_POLL_S
+    chosen = selection.chosen
+    costing = await asyncio.to_thread(svc.costs.costing, ctx.spec, ctx.run)
+    estimate = costing.estimate(chosen)
+    loop = svc.costs.loop_estimate(costing.work, chosen, ctx.spec.est_train_hours)
+    return {"selection": to_builtins(selection), "agent_id": chosen.agent_id,
+            "offers": [to_builtins(o) for o in offers], "work": to_builtins(costing.work),
+            "estimate": to_builtins(estimate), "train_loop_estimate": to_builtins(loop),
+            "queued_s": waited}
+
+
+async def costed(ctx: StageRun, result: dict[str, Any], measured_s: float) -> dict[str, Any]:
+    """Add the stage's estimate (made before it ran) and measurement; learn from them."""
+    svc = services(ctx)
+    offer = run_offer(ctx)
+    cost = svc.costs.stage_cost(ctx.run, ctx.stage, offer, measured_s, result,
+                                before=ctx.run.progress.get(f"estimate_{ctx.stage}"))
+    if cost is None:
+        return result
+    await svc.costs.save(svc.bus, [cost.key, cost.key + ".loop"])
+    return {**result, "cost": to_builtins(cost)}
+
+
+async def note_estimate(ctx: StageRun) -> None:
+    """Persist this stage's estimate on the run's server before it starts."""
+    svc = services(ctx)
+    phase = STAGE_PHASE.get(ctx.stage)
+    if phase is None:
+        return
+    offer = run_offer(ctx)
+    costing = await asyncio.to_thread(svc.costs.costing, ctx.spec, ctx.run, phases=(phase,))
+    est = costing.estimate(offer)
+    await ctx.note(**{f"estimate_{ctx.stage}": to_builtins(est)})
+
+
+def timed(fn: Any) -> Any:
+    """Wrap an agent stage: note its estimate, time it, attach estimate vs measurement."""
+    import time
+
+    async def wrapper(ctx: StageRun) -> dict[str, Any]:
+        await note_estimate(ctx)
+        t0 = time.monotonic()
+        result = await fn(ctx)
+        return await costed(ctx, result, time.monotonic() - t0)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+async def budget_check(run: RunInfo, stage: str, svc: Services) -> BudgetVerdict | None:
+    """A verdict when starting `stage` would take the run past its budget (spent + the rest)."""
+    budget = run.spec.constraints.budget_usd
+    if budget is None or stage not in STAGE_PHASE or "select_server" not in run.results:
+        return None
+    agent = run.progress.get("agent_id") or run.results["select_server"].get("agent_id")
+    offer = svc.fleet.offer(str(agent)) if agent in svc.fleet.agents else msgspec.convert(
+        run.results["select_server"]["selection"]["chosen"], ServerOffer)
+    rest = await asyncio.to_thread(svc.costs.remaining, run, stage, offer)
+    spent = svc.costs.spent_usd(run)
+    if rest is None or spent + rest.value <= budget:
+        return None
+    return BudgetVerdict(
+        budget_usd=budget, spent_usd=round(spent, 6), next_usd=round(rest.value, 6),
+        message=(f"budget ${budget:.4g} would be exceeded: ${spent:.4g} spent (measured) + "
+                 f"${rest.value:.4g} for {stage} and the stages after it "
+                 f"({rest.describe('{:.4g}')})"))
 
 
 async def probe_teachers(ctx: StageRun) -> dict[str, Any]:
@@ -205,9 +308,11 @@ async def train(ctx: StageRun) -> dict[str, Any]:
         inputs["resume"] = ckpt
     args = {"model": ctx.result("select_student")["chosen"], "trainer": ctx.spec.trainer,
             "params": _train_params(ctx), "task": task_args(ctx), "seed": ctx.spec.seed}
+    work = await asyncio.to_thread(svc.costs.work, ctx.spec, ctx.run)
+    loop = svc.costs.loop_estimate(work, run_offer(ctx), ctx.spec.est_train_hours)
     out = await run_job(ctx, "train", args, inputs=inputs)
     return {**out.result, "artifact": out.artifacts.get("model.tar", ""),
-            "resumed": "resume" in inputs}
+            "resumed": "resume" in inputs, "train_time_estimate": to_builtins(loop)}
 
 
 async def evaluate(ctx: StageRun) -> dict[str, Any]:
@@ -233,7 +338,8 @@ async def deploy(ctx: StageRun) -> dict[str, Any]:
     if not ctx.spec.deploy:
         return {"skipped": True}
     args = {"deployer": ctx.spec.deployer, "model": ctx.result("select_student")["chosen"],
-            "served_name": ctx.spec.name, **stage_params(ctx, "deploy")}
+            "served_name": ctx.spec.name, "task": task_args(ctx),  # probe with its prompts
+            **stage_params(ctx, "deploy")}
     model_key = ctx.result("train").get("artifact", "")
     out = await run_job(ctx, "deploy", args, inputs={"model": model_key} if model_key else None)
     ep = out.endpoint
@@ -254,12 +360,12 @@ async def report(ctx: StageRun) -> dict[str, Any]:
 
 STAGE_FUNCS: dict[str, StageFn] = {
     "select_server": select_server,
-    "probe_teachers": probe_teachers,
-    "select_student": select_student,
+    "probe_teachers": timed(probe_teachers),
+    "select_student": timed(select_student),
     "choose_strategy": choose_strategy,
-    "synthesize": synthesize,
-    "train": train,
-    "evaluate": evaluate,
-    "deploy": deploy,
+    "synthesize": timed(synthesize),
+    "train": timed(train),
+    "evaluate": timed(evaluate),
+    "deploy": timed(deploy),
     "report": report,
 }

@@ -97,6 +97,29 @@ async def agent(nats_url: str, tmp_path: Path, daemon: Any) -> AsyncIterator[Any
         await asyncio.wait_for(task, 30)
 
 
+@pytest.fixture
+def users_url() -> Iterator[str]:
+    """A loopback HTTP server standing in for the users' region (agents' --probe-url)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def free_port() -> int:
     """A free loopback TCP port (for processes that need one up front)."""
     with socket.socket() as s:

@@ -313,7 +313,7 @@ def _write_dataset(ctx: StepContext, examples: list[Example],
     counts: Counter[str] = Counter()
     by_mode: Counter[str] = Counter()
     by_teacher: Counter[str] = Counter()
-    verified = tries_total = 0
+    verified = tries_total = target_chars = 0
     cost = 0.0
     seen: set[tuple[str, str]] = set()
     with open(tmp, "wb") as fh:
@@ -334,6 +334,7 @@ def _write_dataset(ctx: StepContext, examples: list[Example],
                     by_mode[e.row.mode] += 1
                     by_teacher[e.row.teacher] += 1
                     verified += e.row.verified is True
+                    target_chars += len(e.row.target)
             counts[status] += 1
     os.replace(tmp, out)
     processed = sum(counts.values())
@@ -348,5 +349,7 @@ def _write_dataset(ctx: StepContext, examples: list[Example],
         "verified": verified,
         "tries_total": tries_total,
         "cost_usd": round(cost, 6),
+        # the cost model sizes training from it (rows x tokenised length)
+        "mean_target_chars": round(target_chars / counts["kept"], 1) if counts["kept"] else None,
         "dataset": out.name,
     }

@@ -27,6 +27,7 @@ from stratosd.errors import ConfigError
 
 if TYPE_CHECKING:
     from plugins.selectors.objectives import Candidates, FloatArray
+    from stratosd.costmodel import JobCosting
 
 # numpy and the objectives load on first use (see pfg.py).
 
@@ -69,7 +70,8 @@ class _Baseline(ServerSelector):
         offers: Sequence[ServerOffer],
         constraints: Constraints,
         *,
-        est_train_hours: float = 0.5,
+        costing: JobCosting | None = None,
+        est_train_hours: float | None = None,
         seed: int = 0,
     ) -> Selection:
         """Filter, apply the rule, explain."""
@@ -84,7 +86,8 @@ class _Baseline(ServerSelector):
             pareto_mask,
         )
 
-        cands = filter_offers(offers, constraints, est_train_hours)
+        cands = filter_offers(offers, constraints,
+                             costing if costing is not None else est_train_hours)
         chosen = self._pick(cands, seed)
         pareto = pareto_mask(cands.minimised())
         on_front = "is" if pareto[chosen] else "is not"
@@ -94,7 +97,7 @@ class _Baseline(ServerSelector):
             f"Rule: {self.rule}. {cands.offer(chosen).id} wins and {on_front} one of the "
             f"{int(pareto.sum())} Pareto-optimal candidates.",
             f"It offers {describe_offer(cands, chosen)}.",
-            describe_cost_model(cands.est_train_hours),
+            describe_cost_model(cands),
         ])
         return Selection(
             selector=self.name,
@@ -103,8 +106,10 @@ class _Baseline(ServerSelector):
             explanation=explanation,
             removed=cands.removed,
             candidates=cands.total,
-            details={"est_train_hours": est_train_hours, "chosen": offer_summary(cands, chosen),
-                     "params": self.params, "seed": seed},
+            details={"est_train_hours": est_train_hours,
+                     "cost_model": cands.costing.describe(),
+                     "chosen": offer_summary(cands, chosen), "params": self.params,
+                     "seed": seed},
         )
 
 

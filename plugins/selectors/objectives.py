@@ -1,91 +1,53 @@
 """What every server selector shares: the three objectives, hard constraints, normalisation
 and a vectorised Pareto front.
 
-Hardware capability H (bigger is better), in dense bf16 TFLOP/s-equivalents::
+The objectives come from the core cost model (`stratosd.costmodel`), the same numbers the
+daemon's budget, `stratosctl plan` and the report use:
 
-    H = T(gpu_model) * gpu_count ** 0.9 * (gpu_mem_GiB / 80) ** 0.25      (GPU hosts)
-    H = 0.05 * cpu_count                                                  (CPU-only hosts)
-
-T is the model's dense (no sparsity) bf16 tensor throughput from `GPU_TFLOPS` (fp16 for T4
-and V100, which lack bf16); an unknown model counts as `UNKNOWN_GPU_TFLOPS`. The count
-exponent 0.9 charges data-parallel training for its communication; the memory factor (1.0 at
-80 GiB, 0.74 at 24 GiB, 1.15 at 141 GiB; 1.0 when memory is unknown) lets memory refine the
-score without dominating it. `offer.hardware_score`, when set, replaces the formula.
-
-Job cost C (smaller is better), in $ for this job::
-
-    hours = est_train_hours * 312 / H + 0.25          C = price_usd_per_hour * hours
-
-`est_train_hours` is the training time on the reference server, one A100 80GB (H = 312);
-training is taken as compute-bound, so a server with score H needs 312 / H times as long.
-`SETUP_HOURS` (0.25 h) is billed time no hardware speeds up: provisioning, image and model
-download, loading. Without it an 8x H100 box would look cheaper than one L40S for a half-hour
-job. C is the job cost, not the hourly price: a server twice as expensive per hour that
-finishes three times sooner is the cheaper choice; `budget_usd` limits this same number.
-
-Latency L (smaller is better): `offer.latency_ms`: measured by agents, estimated from the
-region by offer catalogs.
+- Hardware capability H (bigger is better): the training TFLOP/s the job gets there, per device
+  in the training dtype (bf16 on GPUs, fp32 on CPUs) x the devices the trainer uses (one today:
+  a multi-GPU box is not credited for GPUs the trainer leaves idle). Measured by the server's
+  agent when it has calibrated, else the documented table (`stratosd.costmodel.capacity`).
+  `offer.hardware_score`, when set, replaces it.
+- Job cost C (smaller is better): the whole job's $ there: every remaining phase's time (work
+  estimated from the job ÷ speed x learned efficiency, plus start-up and transfers) x $/h, plus
+  an API teacher's per-token $. `budget_usd` limits this same number.
+- Latency L (smaller is better): `offer.latency_ms`, the user-facing latency the agent
+  measured (catalogs: estimated from the region). An offer whose latency nothing measured
+  (`latency_known = False`) is removed by `max_latency_ms` with that reason, and without a
+  latency bound it counts as the worst known latency among the candidates, never as 0.
 
 Hard constraints come first: each active constraint removes the offers that break it (an
 offer is charged to the first constraint it breaks, in `CONSTRAINT_ORDER`), and when nothing
-is left, `Infeasible` names the binding constraint and the nearest option.
+is left, `Infeasible` names the binding constraint and the nearest option. A server busy with
+another run's training (`offer.busy`) is removed by `busy`.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from operator import attrgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from schemas.specs import Constraints, ServerOffer
+from stratosd.costmodel.capacity import gpu_entry
 from stratosd.errors import Infeasible
+
+if TYPE_CHECKING:
+    from stratosd.costmodel import JobCosting
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
 IntArray = NDArray[np.int64]
 
-# (name, regex on the normalised model string, dense bf16 TFLOP/s per GPU); first match wins,
-# so longer names come before their prefixes (a100 before a10, l40s before l4).
-GPU_TFLOPS: tuple[tuple[str, str, float], ...] = (
-    ("B200", r"\bb200\b", 2250.0),
-    ("MI300X", r"\bmi300x\b", 1307.0),
-    ("H200", r"\bg?h200\b", 989.0),
-    ("H100 PCIe", r"\bh100 (?:\w+ )*pcie\b", 756.0),
-    ("H100", r"\bh100\b", 989.0),
-    ("A100", r"\ba100\b", 312.0),
-    ("RTX 6000 Ada", r"\b6000 ada\b", 364.0),
-    ("L40S", r"\bl40s\b", 362.0),
-    ("L40", r"\bl40\b", 181.0),
-    ("L4", r"\bl4\b", 121.0),
-    ("RTX A6000", r"\ba6000\b", 155.0),
-    ("A40", r"\ba40\b", 150.0),
-    ("A10G", r"\ba10g\b", 70.0),
-    ("A10", r"\ba10\b", 125.0),
-    ("V100", r"\bv100\b", 125.0),
-    ("T4", r"\bt4\b", 65.0),
-    ("RTX 4090", r"\b4090\b", 165.0),
-    ("RTX 3090", r"\b3090\b", 71.0),
-)
-UNKNOWN_GPU_TFLOPS = 30.0
-CPU_TFLOPS_PER_CORE = 0.05
-COUNT_EXPONENT = 0.9
-MEM_REFERENCE_GIB = 80.0
-MEM_EXPONENT = 0.25
-REFERENCE_SERVER = "1x A100 80GB"
-REFERENCE_SCORE = 312.0
-SETUP_HOURS = 0.25
-MIN_SCORE = 1e-3  # keeps hours finite for a host that scores zero
-
 CONSTRAINT_ORDER = (
-    "status", "region", "min_gpu_mem_mib", "max_price_usd_per_hour", "max_latency_ms",
-    "budget_usd",
+    "status", "busy", "region", "min_gpu_mem_mib", "max_price_usd_per_hour", "latency_known",
+    "max_latency_ms", "budget_usd",
 )
 _PRUNE_GRID = 32  # bands per axis of the pruning grid (independent of PFG's K)
 _PRUNE_MIN = 2048  # below this many rows the exact sweep alone is faster
@@ -93,72 +55,49 @@ _FINE = 1 << 16  # uniform bins per column behind the equal-count pruning bands
 _BASE_BLOCK = 16  # CDQ levels below this block size run as one brute-force pass
 _CATEGORICAL_GAP = 1e6  # ranks a wrong region/status behind any numeric shortfall
 
-_GPU_PATTERNS = [(name, re.compile(p), tf) for name, p, tf in GPU_TFLOPS]
-_VENDOR_WORDS = re.compile(r"\b(?:nvidia|geforce|tesla|amd|instinct|radeon)\b")
 
-
-@lru_cache(maxsize=4096)
 def gpu_spec(model: str) -> tuple[str, float]:
     """Canonical name and dense bf16 TFLOP/s of a GPU model string ('' and a default)."""
-    norm = _VENDOR_WORDS.sub(" ", re.sub(r"[^a-z0-9]+", " ", model.lower()))
-    norm = " ".join(norm.split())
-    for name, pattern, tflops in _GPU_PATTERNS:
-        if pattern.search(norm):
-            return name, tflops
-    return "", UNKNOWN_GPU_TFLOPS
+    name, bf16, _fp32, _bw = gpu_entry(model)
+    return name, bf16
 
 
-def _scores(override: FloatArray, tflops: FloatArray, count: FloatArray, mem_mib: FloatArray,
-            cpus: FloatArray) -> FloatArray:
-    mem_factor = np.where(
-        mem_mib > 0, (np.maximum(mem_mib, 1.0) / 1024.0 / MEM_REFERENCE_GIB) ** MEM_EXPONENT, 1.0
-    )
-    gpu = tflops * np.maximum(count, 1.0) ** COUNT_EXPONENT * mem_factor
-    h = np.where(count > 0, gpu, CPU_TFLOPS_PER_CORE * cpus)
-    h = np.where(np.isnan(override), h, override)
-    return np.maximum(h, MIN_SCORE)
+def default_costing(costing: JobCosting | None, est_train_hours: float | None) -> JobCosting:
+    """The costing a selector uses: the daemon's, else one from est_train_hours (tests,
+    benches and third-party callers that only know a training time on 1x A100 80GB)."""
+    if costing is not None:
+        return costing
+    from stratosd.costmodel import JobCosting
+
+    return JobCosting.reference_hours(0.5 if est_train_hours is None else est_train_hours)
 
 
-def hardware_score(offer: ServerOffer) -> float:
-    """H of one offer (see the module docstring)."""
-    return float(hardware_scores([offer])[0])
+def hardware_scores(offers: Sequence[ServerOffer], costing: JobCosting | None = None
+                    ) -> FloatArray:
+    """H of many offers (see the module docstring)."""
+    return default_costing(costing, None).columns(offers).hardware
 
 
-def hardware_scores(offers: Sequence[ServerOffer]) -> FloatArray:
-    """H of many offers, vectorised."""
-    cols = _columns(offers)
-    return _scores(cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3], cols[:, 4])
-
-
-def train_hours(score: FloatArray | float, est_train_hours: float) -> FloatArray:
-    """Billed hours of the job on servers with these scores (reference: 1x A100 80GB)."""
-    speed = REFERENCE_SCORE / np.maximum(score, MIN_SCORE)
-    return np.asarray(est_train_hours * speed + SETUP_HOURS)
+def hardware_score(offer: ServerOffer, costing: JobCosting | None = None) -> float:
+    """H of one offer."""
+    return float(hardware_scores([offer], costing)[0])
 
 
 def _columns(offers: Sequence[ServerOffer]) -> FloatArray:
-    """override, tflops, count, mem, cpus, price, latency, up: (n, 8), one C-level pass each."""
+    """count, mem, cpus, price, latency, up, latency known, busy: (n, 8)."""
     n = len(offers)
     out = np.empty((8, n), dtype=np.float64)
 
     def column(name: str) -> Iterator[Any]:
         return map(attrgetter(name), offers)
 
-    # a float array turns None into nan: "no override"
-    out[0] = np.array(list(column("hardware_score")), dtype=np.float64).reshape(n)
-    models = list(column("gpu_model"))
-    tflops = {m: _gpu_tflops(m) for m in set(models)}  # fleets repeat a few models
-    out[1] = np.fromiter(map(tflops.__getitem__, models), np.float64, n)
     for row, name in enumerate(
-        ("gpu_count", "gpu_mem_mib", "cpu_count", "price_usd_per_hour", "latency_ms"), start=2
+        ("gpu_count", "gpu_mem_mib", "cpu_count", "price_usd_per_hour", "latency_ms",
+         "latency_known", "busy")
     ):
-        out[row] = np.fromiter(column(name), np.float64, n)
-    out[7] = np.fromiter(map("up".__eq__, column("status")), np.float64, n)
+        out[row if row < 5 else row + 1] = np.fromiter(column(name), np.float64, n)
+    out[5] = np.fromiter(map("up".__eq__, column("status")), np.float64, n)
     return out.T
-
-
-def _gpu_tflops(model: str) -> float:
-    return gpu_spec(model)[1]
 
 
 def region_matches(region: str, wanted: str) -> bool:
@@ -180,7 +119,8 @@ class Candidates:
     latency_ms: FloatArray
     removed: dict[str, list[str]]
     total: int
-    est_train_hours: float
+    costing: JobCosting
+    measured: BoolArray  # the offer's speed was measured by its agent (else the table)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -214,22 +154,30 @@ def normalise(points: FloatArray, reference: FloatArray | None = None) -> FloatA
 
 
 def filter_offers(
-    offers: Sequence[ServerOffer], constraints: Constraints, est_train_hours: float
+    offers: Sequence[ServerOffer], constraints: Constraints, costing: JobCosting | float | None
 ) -> Candidates:
-    """Apply the hard constraints; raise Infeasible naming the binding one when none is left."""
-    if est_train_hours < 0 or not math.isfinite(est_train_hours):
-        raise Infeasible(f"est_train_hours must be a finite number >= 0, got {est_train_hours}",
-                         hint="fix est_train_hours in the job", field="est_train_hours")
+    """Apply the hard constraints; raise Infeasible naming the binding one when none is left.
+
+    costing: the job's `JobCosting`; a number is a training time in hours on 1x A100 80GB.
+    """
+    if isinstance(costing, int | float):
+        if costing < 0 or not math.isfinite(costing):
+            raise Infeasible(f"est_train_hours must be a finite number >= 0, got {costing}",
+                             hint="fix est_train_hours in the job", field="est_train_hours")
+        costing = default_costing(None, float(costing))
+    costing = default_costing(costing, None)
     if not offers:
         raise Infeasible(
             "no servers to choose from: no agent is connected and no offer catalog has offers",
             hint="start stratos-agent on a host, or add a catalog with STRATOS_OFFER_CATALOGS",
         )
     cols = _columns(offers)
-    hardware = _scores(cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3], cols[:, 4])
-    hours = train_hours(hardware, est_train_hours)
-    price, latency = cols[:, 5], cols[:, 6]
-    job = price * hours
+    costs = costing.columns(offers)
+    hardware = np.maximum(costs.hardware, 1e-6)
+    hours = costs.seconds / 3600.0
+    price, known = cols[:, 3], cols[:, 6] > 0
+    latency = cols[:, 4].copy()
+    job = costs.total_usd
     checks = _checks(offers, constraints, cols, job)
     ids = list(map(attrgetter("id"), offers))
     left = np.ones(len(offers), dtype=bool)
@@ -241,10 +189,14 @@ def filter_offers(
     if not left.any():
         raise _infeasible(offers, constraints, checks, job, hardware, latency)
     idx = np.flatnonzero(left).astype(np.int64)
+    lat = latency[idx]
+    unknown = ~known[idx]
+    if unknown.any():  # never 0 (the best): the worst latency any candidate is known to have
+        lat = np.where(unknown, lat[~unknown].max() if (~unknown).any() else 0.0, lat)
     return Candidates(
         source=offers, index=idx, hardware=hardware[idx], price=price[idx], hours=hours[idx],
-        job_usd=job[idx], latency_ms=latency[idx], removed=removed, total=len(offers),
-        est_train_hours=est_train_hours,
+        job_usd=job[idx], latency_ms=lat, removed=removed, total=len(offers),
+        costing=costing, measured=costs.measured[idx],
     )
 
 
@@ -254,8 +206,9 @@ def _checks(
     """(constraint, passes, relative shortfall) for each active constraint, in order."""
     out: list[tuple[str, BoolArray, FloatArray]] = []
     cat = np.full(len(offers), _CATEGORICAL_GAP)
-    finite = np.isfinite(job) & np.isfinite(cols[:, 6])
-    out.append(("status", (cols[:, 7] > 0) & finite, cat))
+    finite = np.isfinite(job) & np.isfinite(cols[:, 4])
+    out.append(("status", (cols[:, 5] > 0) & finite, cat))
+    out.append(("busy", cols[:, 7] == 0, cat))
     if c.region:
         wanted = c.region
         out.append(("region", np.array([region_matches(o.region, wanted) for o in offers]), cat))
@@ -265,12 +218,13 @@ def _checks(
         out.append((name, excess <= 1e-12 * max(limit, 1.0), excess / max(limit, 1e-9)))
 
     if c.min_gpu_mem_mib > 0:
-        mem = np.where(cols[:, 2] > 0, cols[:, 3], 0.0)
+        mem = np.where(cols[:, 0] > 0, cols[:, 1], 0.0)
         numeric("min_gpu_mem_mib", mem, float(c.min_gpu_mem_mib), upper=False)
     if c.max_price_usd_per_hour is not None:
-        numeric("max_price_usd_per_hour", cols[:, 5], c.max_price_usd_per_hour, upper=True)
+        numeric("max_price_usd_per_hour", cols[:, 3], c.max_price_usd_per_hour, upper=True)
     if c.max_latency_ms is not None:
-        numeric("max_latency_ms", cols[:, 6], c.max_latency_ms, upper=True)
+        out.append(("latency_known", cols[:, 6] > 0, cat))
+        numeric("max_latency_ms", cols[:, 4], c.max_latency_ms, upper=True)
     if c.budget_usd is not None:
         numeric("budget_usd", job, c.budget_usd, upper=True)
     return out
@@ -301,6 +255,8 @@ def _infeasible(
         "min_gpu_mem_mib": f"{offer.gpu_mem_mib if offer.gpu_count else 0} MiB per GPU",
         "region": f"region {offer.region or '?'}",
         "status": "status down",
+        "busy": "busy with another run's training",
+        "latency_known": "latency never measured",
     }
     if len(names) == 1:
         name = names[0]
@@ -324,7 +280,8 @@ def _single_message(
         return (
             f"budget ${c.budget_usd:.2f} too low: the cheapest server meeting the other "
             f"constraints costs ${job:.2f} for this job ({oid})",
-            f"raise budget_usd to at least ${job:.2f}, or lower est_train_hours",
+            f"raise budget_usd to at least ${job:.2f}, or make the job smaller (fewer "
+            "train.max_steps or rows, a smaller student); `stratosctl plan` shows each phase",
         )
     if name == "max_latency_ms":
         return (
@@ -351,6 +308,19 @@ def _single_message(
             f"no server in region {c.region!r} meets the other constraints: the nearest "
             f"option is {oid} in {offer.region or 'an unknown region'}",
             f"drop or change `region` (e.g. region = {offer.region!r})",
+        )
+    if name == "busy":
+        return (
+            f"every server meeting the other constraints is busy training another run: the "
+            f"nearest is {oid}",
+            "the run waits for a free server; or start another stratos-agent",
+        )
+    if name == "latency_known":
+        return (
+            f"no server meeting the other constraints has a measured latency (nearest: {oid}), "
+            f"so max_latency_ms {c.max_latency_ms:g} cannot be checked",
+            "start agents with --probe-url LABEL=URL (a URL near your users), or drop "
+            "max_latency_ms",
         )
     return (
         f"every server meeting the other constraints is down: the nearest is {oid}",
@@ -510,7 +480,7 @@ def describe_removed(removed: dict[str, list[str]], limit: int = 4) -> str:
     """'max_latency_ms removed 2 (a, b), budget_usd removed none' in plain words."""
     parts = []
     for name, ids in removed.items():
-        if name == "status" and not ids:
+        if name in ("status", "busy") and not ids:
             continue
         if not ids:
             parts.append(f"{name} removed none")
@@ -521,12 +491,9 @@ def describe_removed(removed: dict[str, list[str]], limit: int = 4) -> str:
     return "; ".join(parts) if parts else "no constraint removed anything"
 
 
-def describe_cost_model(est_train_hours: float) -> str:
-    """One sentence on how job cost is estimated (see the module docstring)."""
-    return (
-        f"Job cost = $/h x billed hours, where billed hours = {est_train_hours:g} h on "
-        f"{REFERENCE_SERVER} scaled by {REFERENCE_SCORE:g} / H, plus {SETUP_HOURS:g} h setup."
-    )
+def describe_cost_model(c: Candidates) -> str:
+    """One sentence on how job cost is estimated."""
+    return c.costing.describe()
 
 
 def offer_summary(c: Candidates, i: int) -> dict[str, Any]:
@@ -538,6 +505,8 @@ def offer_summary(c: Candidates, i: int) -> dict[str, Any]:
         "est_hours": round(float(c.hours[i]), 4),
         "est_job_usd": round(float(c.job_usd[i]), 4),
         "latency_ms": round(float(c.latency_ms[i]), 2),
+        "latency_known": bool(c.offer(i).latency_known),
+        "capacity": "measured" if bool(c.measured[i]) else "estimated",
     }
 
 
@@ -545,7 +514,9 @@ def describe_offer(c: Candidates, i: int) -> str:
     """'1x A100 (H=312), $1.29/h, ~$0.65 for this job (0.50 h), 12 ms' for a candidate."""
     o = c.offer(i)
     hw = f"{o.gpu_count}x {o.gpu_model}" if o.gpu_count else f"CPU-only, {o.cpu_count} cores"
+    src = "measured" if bool(c.measured[i]) else "estimated"
+    lat = f"{c.latency_ms[i]:.0f} ms" if o.latency_known else "latency unknown"
     return (
-        f"{hw} (H={c.hardware[i]:.0f}), ${c.price[i]:.2f}/h, about ${c.job_usd[i]:.2f} for this "
-        f"job ({c.hours[i]:.2f} h), {c.latency_ms[i]:.0f} ms"
+        f"{hw} (H={c.hardware[i]:.3g} TFLOP/s, {src}), ${c.price[i]:.2f}/h, about "
+        f"${c.job_usd[i]:.4g} for this job ({c.hours[i] * 3600:.0f} s), {lat}"
     )

@@ -38,6 +38,7 @@ from stratosd.errors import ConfigError
 
 if TYPE_CHECKING:
     from plugins.selectors.objectives import BoolArray, Candidates, FloatArray, IntArray
+    from stratosd.costmodel import JobCosting
 
 # numpy and the objectives load on first use: the daemon and CLI import every plugin module
 # at start and must not pay for numpy unless they select a server.
@@ -128,13 +129,15 @@ class ParetoFrontGrid(ServerSelector):
         offers: Sequence[ServerOffer],
         constraints: Constraints,
         *,
-        est_train_hours: float = 0.5,
+        costing: JobCosting | None = None,
+        est_train_hours: float | None = None,
         seed: int = 0,
     ) -> Selection:
         """Filter, build the grid, pick; the explanation walks through each step."""
         from plugins.selectors.objectives import filter_offers, offer_summary
 
-        cands = filter_offers(offers, constraints, est_train_hours)
+        cands = filter_offers(offers, constraints,
+                             costing if costing is not None else est_train_hours)
         g = grid_pick(cands.minimised(), self.k, self.normalise)
         # positions in g.front, best first: distance, then $/h, then id
         ranked = sorted(
@@ -148,6 +151,7 @@ class ParetoFrontGrid(ServerSelector):
             "k": self.k,
             "normalise": self.normalise,
             "est_train_hours": est_train_hours,
+            "cost_model": cands.costing.describe(),
             "cell": list(g.cell),
             "cell_axes": list(AXES),
             "pareto_cells": [list(c) for c in g.pareto_cells],
@@ -209,7 +213,7 @@ class ParetoFrontGrid(ServerSelector):
                 why += f", tied with {rival} on distance and $/h; the smaller id goes first"
         lines.append(why + ".")
         lines.append(f"It offers {describe_offer(cands, chosen)}.")
-        lines.append(describe_cost_model(cands.est_train_hours))
+        lines.append(describe_cost_model(cands))
         return "\n".join(lines)
 
 

@@ -70,6 +70,7 @@ class OpenAITeacher(TeacherBackend):
     """Chat completions over httpx: bounded concurrency, retries with backoff, token costs."""
 
     name: ClassVar[str] = "openai"
+    remote: ClassVar[bool] = True
     description: ClassVar[str] = "OpenAI-compatible chat API (OpenAI, DeepSeek, vLLM, builtin)"
 
     def __init__(self, spec: TeacherSpec, task: TaskPack | None = None) -> None:

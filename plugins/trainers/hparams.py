@@ -7,6 +7,7 @@ an unknown name or a wrong type is a ConfigError naming the field and listing wh
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,6 +56,14 @@ TINY_MAX_PARAMS = 50_000_000  # below: test-size models trained on CPU in second
 LARGE_MIN_PARAMS = 2_000_000_000  # from here: smaller batches, gradient checkpointing
 
 
+def agent_job_threads() -> int:
+    """The agent's CPU thread cap for jobs ($STRATOS_JOB_THREADS from agents.runner); 0: none."""
+    try:
+        return max(int(os.environ.get("STRATOS_JOB_THREADS", "") or 0), 0)
+    except ValueError:
+        return 0
+
+
 def size_defaults(n_params: int, trainer: str, *, cuda: bool = False) -> dict[str, Any]:
     """Default hyper-parameters for a model of n_params parameters and a trainer name."""
     full = trainer != "lora-sft"
@@ -84,8 +93,9 @@ def size_defaults(n_params: int, trainer: str, *, cuda: bool = False) -> dict[st
         lr_scheduler_type="linear", max_grad_norm=1.0, lora_dropout=0.0,
         lora_target_modules="all-linear", bf16=cuda and n_params >= TINY_MAX_PARAMS,
         progress_interval_s=2.0,
-        # Tiny matrices gain nothing from intra-op threads, and lose a lot when cores are shared.
-        cpu_threads=1 if n_params < TINY_MAX_PARAMS and not cuda else 0,
+        # Tiny matrices gain nothing from intra-op threads, and lose a lot when cores are shared;
+        # an agent's --threads cap (STRATOS_JOB_THREADS) is what it calibrated with: use it.
+        cpu_threads=agent_job_threads() or (1 if n_params < TINY_MAX_PARAMS and not cuda else 0),
     )
     if trainer == "grpo":
         d.update(
@@ -124,6 +134,10 @@ def resolve_params(
     defaults = size_defaults(n_params, trainer, cuda=cuda)
     params = {k: v for k, v in defaults.items() if k in allowed}
     params.update(overrides)
+    cap = agent_job_threads()
+    threads = params.get("cpu_threads")
+    if cap and isinstance(threads, int) and not 0 < threads <= cap:
+        params["cpu_threads"] = cap  # the agent's cap holds even against an override
     for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
                 "save_steps", "logging_steps", "max_length"):
         if key in params and not isinstance(params[key], int):

@@ -20,7 +20,7 @@ typical session:
 """
 
 COMMANDS = ("servers", "submit", "jobs", "watch", "cancel", "plugins", "plan", "eval",
-            "endpoints", "report", "auth", "demo")
+            "endpoints", "report", "auth", "demo", "resume")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,10 @@ from stratosd.errors import StratosError
 from stratosd.validate import parse_spec_toml, spec_from_data
 
 ROOT = Path(__file__).resolve().parents[2]
-AGENTS = (("cpu-a", 0.40, "us-east"), ("cpu-b", 0.90, "eu-west"), ("cpu-c", 1.60, "ap-south"))
+# (id, $/h, region, CPU threads every job gets): really different capacity and prices, so the
+# selectors disagree and the report shows why PFG picked what it did
+AGENTS = (("cpu-a", 0.40, "us-east", 1), ("cpu-b", 0.60, "eu-west", 2),
+          ("cpu-c", 1.60, "ap-south", 2))
 FAST = {"task": {"params": {"n_train": 24, "n_test": 12}, "probe_size": 6},
         "teachers": [{"name": "tiny-general", "backend": "hf", "model": "config:tiny"}],
         "students": [{"model": "config:tiny"}],
@@ -44,7 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="tiny sizes (CI smoke run, ~1-2 min); shows the plumbing, not a gain")
     p.add_argument("--keep", action="store_true", help="leave everything running at the end")
     p.add_argument("--demo-home", default=str(ROOT / ".stratos" / "demo"),
-                   help="state dir for this demo (wiped at start)")
+                   help="state dir for this demo (wiped at start, except the bus store that "
+                        "keeps the cost model's learned efficiencies)")
+    p.add_argument("--fresh", action="store_true",
+                   help="wipe the learned efficiencies too (the estimate starts from priors)")
     add_common(p)
     p.set_defaults(func=main)
 
@@ -100,8 +106,12 @@ async def _wait_daemon(home: Path, timeout: float = 30) -> Bus:
 
 async def _run(args: argparse.Namespace) -> int:
     home = Path(args.demo_home).resolve()
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
+    if args.fresh:
+        shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True, exist_ok=True)
+    for child in home.iterdir():  # keep nats/: the learned efficiencies live in its KV
+        if child.name not in ("nats", "nats.port"):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
     os.environ["STRATOS_HOME"] = str(home)  # watch and the agents find the embedded server here
     args.home = str(home)
     spec = parse_spec_toml(args.job)
@@ -113,20 +123,28 @@ async def _run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     print(f"demo home: {home}")
     stack.spawn("daemon", "stratosd", "--log-format", "json")
+    users = _Users()
     try:
         bus = await _wait_daemon(home)
-        for agent_id, price, region in AGENTS:
+        for agent_id, price, region, threads in AGENTS:
             stack.spawn(agent_id, "agents", "--id", agent_id, "--price-per-hour", str(price),
-                        "--region", region, "--interval", "1", "--log-format", "json")
+                        "--region", region, "--threads", str(threads), "--probe-url",
+                        f"users={users.url}", "--interval", "1", "--log-format", "json")
+        print("waiting for the agents to calibrate (matmul, memory, disk, upload) ...")
         while True:
             servers = (await bus.request(subjects.daemon_cmd("servers"), ListServers())).servers
-            if sum(s.offer.status == "up" for s in servers) == len(AGENTS):
+            if sum(s.offer.status == "up" and s.offer.capacity is not None
+                   and s.offer.latency_known for s in servers) == len(AGENTS):
                 break
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.5)
         print(f"daemon + {len(AGENTS)} agents up in {time.monotonic() - t0:.1f}s:")
         for s in servers:
+            cap = s.offer.capacity
+            speed = f"{cap.matmul_tflops.get('fp32', 0) * 1000:.0f} GFLOP/s fp32 on " \
+                    f"{cap.threads} thread(s)" if cap else "not calibrated"
             print(f"  {s.offer.id}  ${s.offer.price_usd_per_hour:.2f}/h  {s.offer.region}  "
-                  f"latency {s.offer.latency_ms:.2f} ms (measured, loopback)")
+                  f"{speed} (measured)  user latency {s.offer.latency_ms:.2f} ms (measured, "
+                  "loopback)")
         accepted = await bus.request(subjects.daemon_cmd("submit"), SubmitRun(spec=spec))
         run_id = accepted.ref
         print(f"submitted run {run_id}; following it (stratosctl watch {run_id})")
@@ -149,6 +167,56 @@ async def _run(args: argparse.Namespace) -> int:
     finally:
         if not args.keep:
             stack.stop()
+            users.close()
+
+
+class _Users:
+    """A loopback HTTP server standing in for the users' region: agents time GETs to it."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        class Quiet(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+
+def _estimates(r: dict[str, Any]) -> dict[str, Any]:
+    """Training time and job $: the estimate made before training vs the measurement."""
+    out: dict[str, Any] = {}
+    tr = r.get("train", {})
+    est = tr.get("train_time_estimate") or {}
+    meas = tr.get("train_time_s")
+    if est and meas:
+        src = est.get("source")
+        hist = f" from {est.get('n')} earlier runs" if src == "calibrated" else ""
+        out["train_time_estimated_s"] = (f"{est['value']:.1f} (90%: {est['low']:.1f}-"
+                                         f"{est['high']:.1f}, {src}{hist})")
+        out["train_time_measured_s"] = f"{meas:.1f} (measured/estimated = "\
+                                       f"{meas / est['value']:.2f})"
+    spent = sum(float((r.get(s, {}).get("cost") or {}).get("measured_usd") or 0)
+                for s in ("probe_teachers", "select_student", "synthesize", "train", "evaluate",
+                          "deploy"))
+    job = ((r.get("select_server", {}).get("estimate") or {}).get("usd") or {})
+    if job:
+        out["job_usd_estimated"] = f"{job['value']:.4f} ({job['low']:.4f}-{job['high']:.4f})"
+        out["job_usd_measured"] = f"{spent:.4f}"
+    return out
 
 
 async def _summary(run: Any) -> dict[str, Any]:
@@ -166,6 +234,7 @@ async def _summary(run: Any) -> dict[str, Any]:
         "train_loss": f"{r.get('train', {}).get('first_loss')} -> "
                       f"{r.get('train', {}).get('final_loss')}",
         "report": r.get("report", {}).get("paths", {}).get("markdown"),
+        **_estimates(r),
     }
     dep = r.get("deploy", {})
     if dep.get("url"):

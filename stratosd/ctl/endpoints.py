@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from schemas.commands import ListEndpoints, UndeployEndpoint
 from stratosd.ctl.common import add_common, ago, ask, dump_json, run_async, table
@@ -28,10 +29,15 @@ def main_list(args: argparse.Namespace) -> int:
         if args.json:
             dump_json(eps)
             return 0
+        def ms(e: Any, k: str) -> str:  # a missing figure was never measured: never 0
+            v = e.metrics.get(k)
+            return "-" if v is None else f"{v:.0f}"
+
         rows = [[e.endpoint_id, e.url, e.model, e.agent_id, e.deployer,
-                 f"{e.metrics.get('latency_ms_p50', 0):.0f}/"
-                 f"{e.metrics.get('latency_ms_p95', 0):.0f} ms", ago(e.created)] for e in eps]
-        print(table(rows, ["ID", "URL", "MODEL", "AGENT", "DEPLOYER", "P50/P95", "SINCE"]))
+                 f"{ms(e, 'latency_ms_p50')}/{ms(e, 'latency_ms_p95')} ms",
+                 f"{ms(e, 'ttft_ms_p50')} ms", ago(e.created)] for e in eps]
+        print(table(rows, ["ID", "URL", "MODEL", "AGENT", "DEPLOYER", "P50/P95", "TTFT P50",
+                           "SINCE"]))
         return 0
     return run_async(go)
 

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=main_list)
     s = sub.add_parser("status", help="one run's state, stage results and error",
                        description="Show a run: its state, each finished stage's key result, "
-                       "and for a failed run what failed and what to do.")
+                       "and for a failed or stopped run what happened and what to do.")
     s.add_argument("id", help="run id (from `stratosctl jobs`)")
     add_common(s)
     s.set_defaults(func=main_status)
@@ -34,6 +34,10 @@ def main_list(args: argparse.Namespace) -> int:
         rows = [[r.run_id, r.name, r.state, r.stage, ago(r.created), ago(r.updated)]
                 for r in reply.runs]
         print(table(rows, ["ID", "NAME", "STATE", "STAGE", "CREATED", "UPDATED"]))
+        stopped = [r.run_id for r in reply.runs if r.state == "stopped"]
+        if stopped:
+            print(f"\n{len(stopped)} run(s) stopped at their budget with every result kept; "
+                  f"`stratosctl status {stopped[0]}` shows what the rest needs and how to resume")
         return 0
     return run_async(go)
 
@@ -75,9 +79,15 @@ def print_run(run: RunInfo) -> None:
     for stage, result in run.results.items():
         print(f"  {stage:<16} {summarize(stage, result)}")
     if run.error:
-        print(f"error    {run.error.get('message')}")
+        label = "budget  " if run.state == "stopped" else "error   "
+        print(f"{label} {run.error.get('message')}")
         if run.error.get("hint"):
             print(f"hint     {run.error['hint']}")
+    if run.state == "stopped":
+        print(f"kept     every finished stage and its artifacts; resume goes on from {run.stage}")
+    elif run.state in ("failed", "cancelled"):
+        print(f"resume   stratosctl resume {run.run_id}  (finished stages are kept; "
+              f"goes on from {run.stage})")
 
 
 def main_status(args: argparse.Namespace) -> int:

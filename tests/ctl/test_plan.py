@@ -25,7 +25,9 @@ def test_plan_offline_prints_pareto_table_and_plot(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("selector pfg:")
     assert "Pareto-optimal" in r.stdout and "* " in r.stdout  # the pick is starred
-    assert "Job cost = $/h x billed hours" in r.stdout
+    assert "Job cost = $/h x the time of phases" in r.stdout
+    assert "work (from the job):" in r.stdout and "training tokens" in r.stdout
+    assert "estimate on " in r.stdout and "prior, no history" in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -45,10 +47,40 @@ def test_plan_infeasible_names_the_constraint(tmp_path: Path) -> None:
     assert r.stderr.startswith("error: budget $0.01 too low") and "hint:" in r.stderr
 
 
-async def test_plan_through_the_daemon_includes_live_agents(daemon: Any, agent: Any,
-                                                            nats_url: str) -> None:
+async def test_plan_uses_what_submit_would_and_catalog_on_request(
+        daemon: Any, nats_url: str, tmp_path: Path, users_url: str) -> None:
+    from tests.conftest import start_agent
+
+    a, task = await start_agent(nats_url, tmp_path, "gpu-1", price=2.0, calibrate=False,
+                                probe_url=[f"users={users_url}"])
+    try:
+        deadline = asyncio.get_running_loop().time() + 15
+        while not (daemon.fleet.is_up("gpu-1")
+                   and daemon.fleet.offer("gpu-1").latency_known):
+            assert asyncio.get_running_loop().time() < deadline, "agent never measured latency"
+            await asyncio.sleep(0.1)
+        r = await asyncio.to_thread(_ctl, "--nats", nats_url, "plan", JOB, "--json")
+        assert r.returncode == 0, r.stderr
+        data = json.loads(r.stdout)
+        assert data["selection"]["candidates"] == 1  # the live agent only: what submit uses
+        assert data["selection"]["chosen"]["id"] == "gpu-1"
+        assert data["work"]["train_tokens"] > 0 and data["estimate"]["server"] == "gpu-1"
+        assert any("live agent" in n for n in data["notes"])
+        r = await asyncio.to_thread(_ctl, "--nats", nats_url, "plan", JOB, "--catalog",
+                                    "--json")
+        data = json.loads(r.stdout)
+        assert data["selection"]["candidates"] == 35  # 34 catalog offers + the live agent
+        kinds = {row["id"]: row["kind"] for row in data["rows"]}
+        assert all(k == "catalog (no agent)" for i, k in kinds.items() if i != "gpu-1")
+    finally:
+        a.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_unmeasured_latency_is_unknown_not_zero(daemon: Any, agent: Any,
+                                                      nats_url: str) -> None:
     await daemon.fleet.wait_up("gpu-1", timeout=10)
-    r = await asyncio.to_thread(_ctl, "--nats", nats_url, "plan", JOB, "--json")
-    assert r.returncode == 0, r.stderr
-    data = json.loads(r.stdout)
-    assert data["selection"]["candidates"] == 35  # 34 catalog offers + the live agent
+    assert not daemon.fleet.offer("gpu-1").latency_known  # no --probe-url: nothing measured
+    r = await asyncio.to_thread(_ctl, "--nats", nats_url, "plan", JOB)
+    assert r.returncode == 4
+    assert "has a measured latency" in r.stderr and "--probe-url" in r.stderr

@@ -48,7 +48,6 @@ def tiny_spec(name: str = "e2e", *, deploy: bool = False, **over: Any) -> dict[s
                  "probe_size": 4},
         "teachers": [{"name": "oracle", "backend": "reference", "model": "reference"}],
         "students": [{"model": "config:tiny"}],
-        "est_train_hours": 0.001,
         "constraints": {"budget_usd": 100.0},
         "deploy": deploy,
         "train": {"max_steps": 6, "save_steps": 2,

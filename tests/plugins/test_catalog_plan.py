@@ -17,6 +17,7 @@ from plugins.catalogs.static import (
 from plugins.selectors.baselines import CostFirst
 from plugins.selectors.pfg import ParetoFrontGrid
 from schemas.specs import Constraints
+from stratosd.costmodel import JobCosting
 from stratosd.errors import ConfigError
 from stratosd.planning import format_plan, plan_rows, plot_plan
 
@@ -133,7 +134,7 @@ def test_plan_rows_and_format_on_shipped_catalog() -> None:
     offers = StaticCatalog().offers()
     constraints = Constraints(max_latency_ms=90, budget_usd=3.0)
     sel = ParetoFrontGrid().select(offers, constraints, est_train_hours=0.5)
-    rows = plan_rows(sel, offers, constraints, 0.5)
+    rows = plan_rows(sel, offers, constraints, JobCosting.reference_hours(0.5))
     assert {r["id"] for r in rows} == set(sel.pareto_ids) | {sel.chosen.id}
     assert [r["chosen"] for r in rows].count(True) == 1
     assert all(r["pareto"] for r in rows)  # PFG always picks from the front
@@ -155,7 +156,7 @@ def test_plan_rows_and_format_on_shipped_catalog() -> None:
 def test_plan_rows_show_where_a_baseline_pick_sits() -> None:
     offers = StaticCatalog().offers()
     sel = CostFirst().select(offers, Constraints(), est_train_hours=0.5)
-    rows = plan_rows(sel, offers, Constraints(), 0.5)
+    rows = plan_rows(sel, offers, Constraints(), JobCosting.reference_hours(0.5))
     assert rows[0]["chosen"]  # the cheapest job comes first
     assert "budget_left_usd" not in rows[0]
 

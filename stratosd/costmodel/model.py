@@ -1,0 +1,294 @@
+"""Time and $ of a job on each server: work ÷ (measured speed × learned efficiency) + fixed.
+
+Per phase, on one server (speeds per device from `capacity.offer_speed`, work from
+`work.estimate_work`, efficiency = PRIOR_MFU x the learned correction of `learn`):
+
+    train      FLOPs = T x (6P + 6 L h s)          full SFT, GRPO's training part
+               FLOPs = T x (4P + 6 P_lora + 6 L h s)   LoRA (no weight gradients for frozen P)
+               seconds = FLOPs / (TFLOP/s x 1e12 x devices used x MFU)
+               + GRPO rollouts (decode, below) + a child's start-up and checkpoint uploads
+    decode     per step: max(weight bytes / memory bandwidth, 2P x batch / FLOP/s) / MFU_decode
+               + STEP_OVERHEAD_S (generate()'s own per-token cost), steps = new tokens / batch
+    synthesis  local teacher: decode with the teacher's size; remote API: tokens ÷ the teacher's
+               probe-measured tokens/s (else API_TOKENS_PER_S) ÷ concurrency
+    evaluate   decode of the test prompts (before and after training)
+    probe, prescreen, deploy: start-up + a few generations, learned per server class
+    fixed      STARTUP_S per step child (imports, model load) + bytes ÷ disk/upload rates
+
+T: training tokens; P: parameters; L, h: layers, width; s: tokens per sequence (the attention
+term, causal: half of the 12 L h s of a full matrix). The whole job's time is the sum of the
+phases it will still run; $ = seconds x $/h of the server + per-token $ of an API teacher.
+Every number is an `Estimate` whose interval comes from the learned spread (`learn`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from schemas.costs import PHASES, Estimate, EstimateSource, JobEstimate, JobWork, PhaseCost
+from schemas.specs import ServerOffer
+from stratosd.costmodel.capacity import Speed, job_threads, offer_speed
+from stratosd.costmodel.learn import PRIOR, Correction, EfficiencyBook, key
+
+FloatArray = NDArray[np.float64]
+
+TINY_PARAMS = 50_000_000  # plugins.trainers.hparams.TINY_MAX_PARAMS: 1 CPU thread by default
+# MFU priors: measured here for CPU fp32 training of a 3.6M model (0.54, bench_train); GPU
+# values are typical bf16 figures, lower for small models that cannot fill the device.
+PRIOR_MFU_CPU = 0.5
+PRIOR_MFU_GPU = {"<10M": 0.02, "10M-100M": 0.08, "100M-1B": 0.25, "1B-10B": 0.35,
+                 ">10B": 0.4}
+MFU_DECODE = 0.5
+STEP_OVERHEAD_S = {"cpu": 0.004, "gpu": 0.02}
+STARTUP_S = {"cpu": 8.0, "gpu": 25.0}
+API_TOKENS_PER_S = 40.0  # one request's output speed when the probe measured none
+API_CONCURRENCY = 8
+PROBE_GENERATIONS = 16
+PRESCREEN_STEPS = 20
+DEPLOY_REQUESTS = 8
+DEPLOY_TOKENS = 32
+EVAL_BATCH = 16
+# A training time the user gives (est_train_hours) covers the training alone: provisioning,
+# image and model download and loading come on top, and no hardware speeds them up.
+GIVEN_SETUP_S = 900.0
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase's prior seconds on one server, and how it was computed."""
+
+    name: str
+    seconds: float
+    basis: str
+
+
+def _decode_s(params: float, weight_bytes: float, sequences: float, new_tokens: float,
+              batch: int, sp: Speed, kind: str) -> float:
+    """Seconds to generate new_tokens per sequence for `sequences` prompts, batch at a time."""
+    if sequences <= 0 or new_tokens <= 0:
+        return 0.0
+    steps = math.ceil(sequences / max(batch, 1)) * new_tokens
+    per_step = max(weight_bytes / (sp.mem_bw_gbps * 1e9),
+                   2 * params * min(batch, sequences) / (sp.tflops * 1e12)) / MFU_DECODE
+    return steps * (per_step + STEP_OVERHEAD_S[kind])
+
+
+def train_flops(w: JobWork) -> float:
+    """FLOPs of training (see the module docstring)."""
+    attention = 6.0 * w.layers * w.hidden * w.seq_tokens
+    lora = w.trainable_params < w.params
+    dense = (4.0 * w.params + 6.0 * w.trainable_params) if lora else 6.0 * w.params
+    return w.train_tokens * (dense + attention)
+
+
+def prior_phases(w: JobWork, offer: ServerOffer) -> tuple[Speed, list[Phase]]:
+    """Prior seconds of every phase of the job on one server (efficiency = the priors)."""
+    tiny = w.params < TINY_PARAMS
+    sp = offer_speed(offer, job_threads(offer, tiny) if offer.gpu_count == 0 else None)
+    kind = "gpu" if offer.gpu_count > 0 else "cpu"
+    from stratosd.costmodel.learn import size_bucket
+
+    mfu = PRIOR_MFU_CPU if kind == "cpu" else PRIOR_MFU_GPU[size_bucket(w.params)]
+    devices = max(1, min(w.devices, sp.devices))
+    start = STARTUP_S[kind] + w.weight_bytes / (sp.disk_mbps * 1e6)
+    upload = w.artifact_bytes / (sp.upload_mbps * 1e6)
+    flops = train_flops(w)
+    train_s = flops / (sp.tflops * 1e12 * devices * mfu)
+    rollout = _decode_s(w.params, w.weight_bytes, w.rollout_tokens / 32.0, 32.0, 8, sp, kind) \
+        if w.rollout_tokens else 0.0
+    eval_s = _decode_s(w.params, w.weight_bytes, w.eval_prompts,
+                       w.eval_new_tokens / max(w.eval_prompts, 1), EVAL_BATCH, sp, kind)
+    if w.teacher_local:
+        tbytes = w.teacher_params * 4
+        synth = _decode_s(w.teacher_params, tbytes, w.synth_rows,
+                          w.synth_new_tokens / max(w.synth_rows, 1), 8, sp, kind)
+        synth_basis = (f"{w.synth_rows} generations by {w.teacher} on the server (decode: "
+                       f"{w.synth_new_tokens:.3g} tokens)")
+    else:
+        tps = w.teacher_tokens_per_s or API_TOKENS_PER_S
+        synth = w.synth_new_tokens / (tps * API_CONCURRENCY)
+        src = "probe-measured" if w.teacher_tokens_per_s else "assumed"
+        synth_basis = (f"{w.synth_new_tokens:.3g} tokens from API teacher {w.teacher} at "
+                       f"{tps:.0f} tokens/s ({src}) x {API_CONCURRENCY} concurrent")
+    probe = _decode_s(w.params, w.weight_bytes, PROBE_GENERATIONS, 64, 8, sp, kind)
+    prescreen = PRESCREEN_STEPS * 8 * w.seq_tokens * 6 * w.params / (sp.tflops * 1e12 * mfu)
+    deploy = _decode_s(w.params, w.weight_bytes, DEPLOY_REQUESTS, DEPLOY_TOKENS, 1, sp, kind)
+    phases = [
+        Phase("probe", start + probe, "start-up + the teachers' probe generations"),
+        Phase("prescreen", start + prescreen, f"start-up + {PRESCREEN_STEPS} pre-screen steps"),
+        Phase("synthesis", start + synth, synth_basis),
+        Phase("train", start + train_s + rollout + upload,
+              f"{flops:.3g} FLOPs ({w.train_tokens:.3g} tokens, {w.params / 1e6:.3g}M params, "
+              f"{w.trainer}) at {sp.describe()} x {devices} device(s) x MFU {mfu:g}"
+              + (f" + rollouts {rollout:.0f} s" if rollout else "")
+              + f" + start-up {start:.0f} s + uploads {upload:.1f} s"),
+        Phase("evaluate", 2 * start + eval_s,
+              f"2 x start-up + decode of {w.eval_new_tokens:.3g} tokens over "
+              f"{w.eval_prompts} prompts"),
+        Phase("deploy", start + deploy, f"start-up + {DEPLOY_REQUESTS} probe requests"),
+    ]
+    return sp, phases
+
+
+def train_loop_prior_s(w: JobWork, offer: ServerOffer) -> float:
+    """Prior seconds of the training loop alone (what train_time_s measures)."""
+    tiny = w.params < TINY_PARAMS
+    sp = offer_speed(offer, job_threads(offer, tiny) if offer.gpu_count == 0 else None)
+    kind = "gpu" if offer.gpu_count > 0 else "cpu"
+    from stratosd.costmodel.learn import size_bucket
+
+    mfu = PRIOR_MFU_CPU if kind == "cpu" else PRIOR_MFU_GPU[size_bucket(w.params)]
+    return train_flops(w) / (sp.tflops * 1e12 * max(1, min(w.devices, sp.devices)) * mfu)
+
+
+@dataclass
+class OfferCosts:
+    """Per-offer columns the selectors use (n offers)."""
+
+    seconds: FloatArray  # (n,) calibrated seconds of the remaining phases
+    server_usd: FloatArray  # (n,) seconds x $/h
+    total_usd: FloatArray  # (n,) server $ + API $
+    hardware: FloatArray  # (n,) effective training TFLOP/s (devices the trainer uses)
+    api_usd: float = 0.0
+    measured: NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+
+class JobCosting:
+    """One job's costs on any server: the interface the daemon, plan, report and selectors use.
+
+    `phases` limits the estimate to the phases still to run (the budget check mid-run);
+    `given_train_hours` is the user's est_train_hours override (training on 1x A100 80GB).
+    """
+
+    REFERENCE = ServerOffer(id="reference-a100", gpu_model="A100 80GB", gpu_count=1,
+                            gpu_mem_mib=81920)
+
+    def __init__(self, work: JobWork, book: EfficiencyBook | None = None, *,
+                 phases: Sequence[str] = PHASES, given_train_hours: float | None = None) -> None:
+        self.work = work
+        self.book = book or EfficiencyBook()
+        self.phases = tuple(p for p in PHASES if p in phases)
+        self.given_train_hours = given_train_hours
+        self._cache: dict[tuple[object, ...], tuple[Speed, list[Phase]]] = {}
+
+    @classmethod
+    def reference_hours(cls, hours: float) -> JobCosting:
+        """A job known only by its training time on 1x A100 80GB (tests, benches, old plans)."""
+        return cls(JobWork(params=1e9, trainable_params=1e9, trainer="given"),
+                   phases=("train",), given_train_hours=hours)
+
+    def _priors(self, offer: ServerOffer) -> tuple[Speed, list[Phase]]:
+        cap = offer.capacity
+        ck = (offer.gpu_model, offer.gpu_count, offer.cpu_count, id(cap) if cap else None,
+              offer.hardware_score)
+        got = self._cache.get(ck)
+        if got is None:
+            got = self._cache[ck] = prior_phases(self.work, offer)
+            if self.given_train_hours is not None:
+                got = self._cache[ck] = self._given(offer, got)
+        return got
+
+    def _given(self, offer: ServerOffer, got: tuple[Speed, list[Phase]]) -> tuple[
+            Speed, list[Phase]]:
+        sp, phases = got
+        ref = offer_speed(self.REFERENCE)
+        ratio = ref.tflops / max(sp.tflops * max(1, min(self.work.devices, sp.devices)), 1e-9)
+        secs = (self.given_train_hours or 0.0) * 3600.0 * ratio + GIVEN_SETUP_S
+        out = [Phase("train", secs, f"est_train_hours {self.given_train_hours:g} h on 1x A100 "
+                     f"80GB x {ratio:.3g} (reference speed / this server's) + "
+                     f"{GIVEN_SETUP_S / 3600:g} h set-up")
+               if p.name == "train" else p for p in phases]
+        return sp, out
+
+    def correction(self, sp: Speed, phase: str) -> tuple[str, Correction]:
+        """The learned correction of a phase on a server class."""
+        if self.given_train_hours is not None and phase == "train":
+            return "", PRIOR
+        k = key(sp.hw_class, self.work.params, self.work.trainer, phase)
+        return k, self.book.correction(k)
+
+    def phase_seconds(self, offer: ServerOffer) -> list[tuple[Phase, str, Correction]]:
+        """(prior phase, key, correction) of the phases still to run on one offer."""
+        sp, phases = self._priors(offer)
+        return [(p, *self.correction(sp, p.name)) for p in phases if p.name in self.phases]
+
+    def columns(self, offers: Sequence[ServerOffer]) -> OfferCosts:
+        """Seconds, $ and effective hardware of every offer (grouped by hardware: fleets
+        repeat a few kinds, so big catalogs cost one computation per kind)."""
+        n = len(offers)
+        seconds = np.empty(n)
+        hardware = np.empty(n)
+        measured = np.zeros(n, dtype=bool)
+        memo: dict[tuple[object, ...], tuple[float, float, bool]] = {}
+        for i, o in enumerate(offers):
+            cap = o.capacity
+            ck = (o.gpu_model, o.gpu_count, o.cpu_count, id(cap) if cap else None,
+                  o.hardware_score)
+            got = memo.get(ck)
+            if got is None:
+                sp, _ = self._priors(o)
+                secs = sum(p.seconds * c.factor for p, _k, c in self.phase_seconds(o))
+                hw = sp.tflops * max(1, min(self.work.devices, sp.devices))
+                got = memo[ck] = (secs, hw, sp.source == "measured")
+            seconds[i], hardware[i], measured[i] = got
+        price = np.fromiter((o.price_usd_per_hour for o in offers), np.float64, n)
+        server = seconds / 3600.0 * price
+        api = self.api_usd()
+        return OfferCosts(seconds=seconds, server_usd=server, total_usd=server + api,
+                          hardware=hardware, api_usd=api, measured=measured)
+
+    def api_usd(self) -> float:
+        """Per-token $ of a remote teacher for the synthesis (0 when it runs on the server)."""
+        u = self.work.teacher_usd
+        return u.value if u is not None and "synthesis" in self.phases else 0.0
+
+    def estimate(self, offer: ServerOffer) -> JobEstimate:
+        """The job on one server, phase by phase, each with its interval and source."""
+        sp, _ = self._priors(offer)
+        price = offer.price_usd_per_hour
+        out: list[PhaseCost] = []
+        lo = hi = val = 0.0
+        for p, k, c in self.phase_seconds(offer):
+            v = p.seconds * c.factor
+            src: EstimateSource = "given" if (self.given_train_hours is not None
+                                              and p.name == "train") \
+                else ("calibrated" if c.n else "prior")
+            secs = Estimate(value=v, low=v / c.ratio, high=v * c.ratio, source=src, n=c.n,
+                            unit="s")
+            usd = Estimate(value=v / 3600 * price, low=secs.low / 3600 * price,
+                           high=secs.high / 3600 * price, source=src, n=c.n, unit="USD")
+            out.append(PhaseCost(phase=p.name, seconds=secs, usd=usd, basis=p.basis, key=k))
+            val, lo, hi = val + v, lo + secs.low, hi + secs.high
+        api = self.work.teacher_usd if "synthesis" in self.phases else None
+        if api is not None:
+            out.append(PhaseCost(phase="synthesis-api", billed_on="api",
+                                 seconds=Estimate(value=0, low=0, high=0, unit="s"),
+                                 usd=api, basis=f"per-token price of {self.work.teacher}"))
+        a_v, a_lo, a_hi = (api.value, api.low, api.high) if api else (0.0, 0.0, 0.0)
+        n = min((c.n for _p, _k, c in self.phase_seconds(offer)), default=0)
+        src_total: EstimateSource = "calibrated" if n else "prior"
+        return JobEstimate(
+            server=offer.id, phases=out,
+            seconds=Estimate(value=val, low=lo, high=hi, source=src_total, n=n, unit="s"),
+            usd=Estimate(value=val / 3600 * price + a_v, low=lo / 3600 * price + a_lo,
+                         high=hi / 3600 * price + a_hi, source=src_total, n=n, unit="USD"),
+            capacity_source="measured" if sp.source == "measured" else "estimated")
+
+    def describe(self) -> str:
+        """One sentence on how job cost is estimated, for selector explanations."""
+        w = self.work
+        if self.given_train_hours is not None and w.trainer == "given":
+            return (f"Job cost = $/h x hours, hours = est_train_hours {self.given_train_hours:g}"
+                    " h on 1x A100 80GB scaled by that server's training speed (given), plus "
+                    f"{GIVEN_SETUP_S / 3600:g} h set-up.")
+        return (f"Job cost = $/h x the time of phases {', '.join(self.phases)} on that server "
+                f"(work from the job: {w.train_tokens:.3g} training tokens on "
+                f"{w.params / 1e6:.3g}M params with {w.trainer}; speed measured by the agent or "
+                "from the capacity table; efficiency learned from past runs)"
+                + (f" + ${self.api_usd():.4f} for the API teacher" if self.api_usd() else "")
+                + ".")

@@ -1,0 +1,298 @@
+"""A job's work, estimated from the job: what it trains, generates and moves.
+
+Nothing here depends on the server. Inputs and where they come from (`JobWork.notes` keeps
+the same words for the plan and the report):
+
+- the student: parameter count and shape from its config (`config:NAME`, a local directory's
+  config.json), or from the size in a hub id ("Qwen2.5-0.5B"); at server selection the largest
+  candidate student is assumed (the conservative choice), after select_student the chosen one;
+- training tokens: rows x tokenised length x epochs, or max_steps x batch x length, whichever
+  stops first. Rows and their text come from the task's training data (the task's own prompt
+  and its reference reasoning where the task has one, else synthesis' max_new_tokens); length
+  in tokens is characters x tokens-per-character (1.0 for the char-level test tokenizer, 0.3
+  for BPE tokenizers: a prior), capped at max_length; after synthesis, the rows kept;
+- synthesis: rows x tries x max_new_tokens written by the teacher; a remote API teacher is
+  billed per token at its price (`plugins.teachers.common.price_for`), and one with no known
+  price is refused unless the job gives it;
+- evaluation: test prompts x max_new_tokens, twice (before and after training).
+
+No torch: this runs in the daemon and in `stratosctl plan`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from schemas.costs import Estimate, JobWork
+from schemas.specs import RunSpec, StudentSpec, TeacherSpec
+from stratosd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from stratosd.plugins import Plugins
+
+BPE_TOKENS_PER_CHAR = 0.3
+CHAR_TOKENS_PER_CHAR = 1.0
+SAMPLE_ROWS = 64  # rows whose text is measured for the mean length
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_STAGE_KEYS = ("synthesis", "prescreen", "evaluate", "deploy")
+_SIZE_IN_NAME = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)\s*([bm])(?![a-z])", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the cost model needs of a model."""
+
+    params: float
+    hidden: int
+    layers: int
+    vocab: int
+    tokens_per_char: float
+    source: str  # where the numbers came from
+
+
+def _count(cfg: Mapping[str, Any]) -> Shape:
+    """Parameters of a Llama/Qwen-style decoder from its config (embeddings, blocks, head)."""
+    h = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
+    layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0)
+    vocab = int(cfg.get("vocab_size") or 0)
+    if not (h and layers and vocab):
+        raise ValueError("config lacks hidden_size, num_hidden_layers or vocab_size")
+    heads = int(cfg.get("num_attention_heads") or max(1, h // 128))
+    head_dim = int(cfg.get("head_dim") or h // heads)
+    kv = int(cfg.get("num_key_value_heads") or heads) * head_dim
+    inter = int(cfg.get("intermediate_size") or 4 * h)
+    q = heads * head_dim
+    block = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    params = vocab * h * (1 if tied else 2) + layers * block + h
+    return Shape(params=float(params), hidden=h, layers=layers, vocab=vocab,
+                 tokens_per_char=BPE_TOKENS_PER_CHAR, source="config")
+
+
+def model_shape(ref: str) -> Shape:
+    """The shape of a model ref without loading it (no torch)."""
+    if ref.startswith("config:"):
+        from plugins.models.hf import model_config_dict, parse_config_ref
+
+        name, overrides = parse_config_ref(ref)
+        s = _count(model_config_dict(name, overrides))
+        return Shape(s.params, s.hidden, s.layers, s.vocab, CHAR_TOKENS_PER_CHAR,
+                     f"{ref} config (char-level tokenizer)")
+    path = Path(ref).expanduser()
+    if (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text())
+        return model_shape(str(base.get("base_model_name_or_path", "")))
+    if (path / "config.json").is_file():
+        cfg = json.loads((path / "config.json").read_text())
+        cfg = cfg.get("text_config", cfg)
+        try:
+            s = _count(cfg)
+        except ValueError as exc:
+            raise ConfigError(f"cannot size model {ref!r} from its config.json: {exc}",
+                              hint="use a decoder-only model with a standard config",
+                              field="students") from exc
+        return Shape(s.params, s.hidden, s.layers, s.vocab, BPE_TOKENS_PER_CHAR,
+                     f"{path}/config.json")
+    m = _SIZE_IN_NAME.search(ref.rsplit("/", 1)[-1])
+    if m:
+        params = float(m.group(1)) * (1e9 if m.group(2).lower() == "b" else 1e6)
+        hidden = max(256, int(round((params / 12 / 24) ** 0.5 / 64)) * 64)
+        layers = max(2, int(params / (12 * hidden * hidden)))
+        return Shape(params, hidden, layers, 32_000, BPE_TOKENS_PER_CHAR,
+                     f"the size in the name {ref!r} (shape guessed)")
+    raise ConfigError(
+        f"cannot tell the size of model {ref!r}: no config.json there and no size in its name",
+        hint="use a local model directory, a hub id with its size (e.g. Qwen2.5-0.5B) or "
+             "config:NAME", field="students")
+
+
+def _train_params(spec: RunSpec) -> dict[str, Any]:
+    return {k: v for k, v in spec.train.items() if k not in _STAGE_KEYS}
+
+
+def _stage(spec: RunSpec, key: str) -> dict[str, Any]:
+    value = spec.train.get(key, {})
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def resolved_train_params(spec: RunSpec, params: float) -> dict[str, Any]:
+    """The trainer's size defaults for this student, then the job's overrides."""
+    from plugins.trainers.hparams import size_defaults
+
+    return {**size_defaults(int(params), spec.trainer), **_train_params(spec)}
+
+
+@dataclass(frozen=True)
+class TaskSample:
+    """Sizes of a task's data, measured on its examples."""
+
+    train_rows: int
+    test_rows: int
+    prompt_chars: float  # mean characters of the forward prompt
+    target_chars: float | None  # mean characters of the reference target (None: no reasoner)
+
+
+def task_sample(spec: RunSpec, plugins: Plugins) -> TaskSample:
+    """Rows and mean text lengths of the job's task (the task pack's own data)."""
+    task = plugins.task(spec.task.name, dict(spec.task.params))
+    train = task.examples("train")
+    test = task.examples("test")
+    step = max(1, len(train) // SAMPLE_ROWS)
+    sample = train[::step][:SAMPLE_ROWS]
+    prompts = [len(task.prompt(e.question)) for e in sample]
+    targets = []
+    for e in sample:
+        reasoning = task.reference_reasoning(e.question, e.answer)
+        if reasoning is None:
+            break
+        targets.append(len(task.format_target(reasoning, e.answer)))
+    return TaskSample(
+        train_rows=len(train), test_rows=len(test),
+        prompt_chars=sum(prompts) / len(prompts) if prompts else 0.0,
+        target_chars=sum(targets) / len(targets) if targets and len(targets) == len(sample)
+        else None)
+
+
+def _int(value: Any, default: int) -> int:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else default
+
+
+def train_tokens(p: Mapping[str, Any], rows: int, row_tokens: float) -> tuple[float, int]:
+    """(tokens trained on, optimizer steps): max_steps x batch, or rows x epochs."""
+    batch = _int(p.get("per_device_train_batch_size"), 8) * _int(
+        p.get("gradient_accumulation_steps"), 1)
+    max_steps = _int(p.get("max_steps"), -1)
+    if max_steps > 0:
+        return float(max_steps * batch * row_tokens), max_steps
+    epochs = float(p.get("num_train_epochs") or 1)
+    steps = math.ceil(rows / max(batch, 1)) * epochs
+    return float(rows * epochs * row_tokens), int(steps)
+
+
+def teacher_cost(spec: RunSpec, teacher: TeacherSpec, plugins: Plugins, prompt_tokens: float,
+                 new_tokens: float) -> tuple[bool, Estimate | None]:
+    """(remote?, $ for these tokens): a remote API teacher with no known price is refused."""
+    from plugins.teachers.common import PRICES_USD_PER_MTOK, price_for
+
+    backend = plugins.teachers.get(teacher.backend)
+    if not getattr(backend, "remote", False):
+        return False, None
+    name = teacher.model.rsplit("/", 1)[-1].lower()
+    known = any(name.startswith(k) for k in PRICES_USD_PER_MTOK)
+    given = "price_in_per_mtok" in teacher.params or "price_out_per_mtok" in teacher.params
+    if not known and not given:
+        raise ConfigError(
+            f"API teacher {teacher.label!r} ({teacher.model}) has no known price, so the budget "
+            "cannot be checked",
+            hint="add price_in_per_mtok and price_out_per_mtok (USD per million tokens) to "
+                 "its [teachers.params]", field="teachers")
+    p_in, p_out = price_for(teacher.model, teacher.params)
+    usd = (prompt_tokens * p_in + new_tokens * p_out) / 1e6
+    # token counts are estimates: completions stop early or run to max_new_tokens
+    return True, Estimate(value=usd, low=usd * 0.3, high=usd * 1.2, source="prior", unit="USD")
+
+
+def estimate_work(
+    spec: RunSpec,
+    plugins: Plugins,
+    *,
+    student: str | None = None,
+    rows: int | None = None,
+    row_chars: float | None = None,
+    probe: Mapping[str, Any] | None = None,
+    sample: TaskSample | None = None,
+) -> JobWork:
+    """The job's work from its spec; later stages refine it (chosen student, rows kept,
+    the teacher's measured tokens/s)."""
+    notes: dict[str, str] = {}
+    if student is None:
+        shapes = [(model_shape(s.model), s) for s in spec.students]
+        shape, chosen = max(shapes, key=lambda x: x[0].params)
+        notes["student"] = (f"{chosen.model}: the largest of {len(shapes)} candidate(s), "
+                            "until select_student picks one")
+    else:
+        shape, chosen = model_shape(student), StudentSpec(model=student)
+        notes["student"] = f"{student}: chosen by select_student"
+    notes["student_size"] = f"{shape.params / 1e6:.3g}M parameters from {shape.source}"
+    sample = sample or task_sample(spec, plugins)
+    p = resolved_train_params(spec, shape.params)
+    syn = _stage(spec, "synthesis")
+    max_new = _int(syn.get("max_new_tokens"), 256)
+    tpc = shape.tokens_per_char
+    if row_chars is None:
+        target = sample.target_chars
+        if target is None:
+            target = max_new / tpc
+            notes["row_length"] = (f"prompt {sample.prompt_chars:.0f} chars (task data) + "
+                                   f"{max_new} new tokens (synthesis max_new_tokens, no "
+                                   "reference reasoning to measure)")
+        else:
+            notes["row_length"] = (f"prompt {sample.prompt_chars:.0f} + target {target:.0f} "
+                                   "chars, measured on the task's training data")
+        row_chars = sample.prompt_chars + target
+    else:
+        notes["row_length"] = f"{row_chars:.0f} chars per row, measured on the synthesised data"
+    max_len = _int(p.get("max_length"), 512)
+    row_tokens = min(row_chars * tpc + 2, float(max_len))  # + bos/eos
+    n_rows = rows if rows is not None else sample.train_rows
+    notes["rows"] = (f"{n_rows} rows kept by synthesis" if rows is not None
+                     else f"{n_rows} training rows of the task")
+    tokens, steps = train_tokens(p, n_rows, row_tokens)
+    notes["train_tokens"] = (f"{steps} steps x batch x {row_tokens:.0f} tokens per row"
+                             if _int(p.get("max_steps"), -1) > 0
+                             else f"{n_rows} rows x {row_tokens:.0f} tokens x epochs")
+    lora_r = _int(p.get("lora_r"), 0)
+    lora = spec.trainer == "lora-sft" or (spec.trainer == "grpo" and lora_r > 0)
+    trainable = (lora_r * shape.layers * 12 * shape.hidden if lora else shape.params)
+    rollout = 0.0
+    if spec.trainer == "grpo":
+        rollout = float(steps * _int(p.get("per_device_train_batch_size"), 4)
+                        * _int(p.get("max_completion_length"), 32))
+    tries = _int(syn.get("tries"), 4)
+    synth_rows = sample.train_rows
+    teacher = spec.teachers[0]
+    remote, usd = False, None
+    for t in spec.teachers:  # the dearest teacher: the probe may pick any of them
+        r, u = teacher_cost(spec, t, plugins, synth_rows * tries * sample.prompt_chars * 0.3,
+                            synth_rows * tries * max_new)
+        if r and (usd is None or (u is not None and u.value > usd.value)):
+            remote, usd, teacher = r, u, t
+    teacher_params = 0.0
+    if not remote:
+        try:
+            teacher_params = model_shape(teacher.model).params
+        except ConfigError:
+            teacher_params = 0.0  # a reasoner or an unsized local model: learned per phase
+    ev = _stage(spec, "evaluate")
+    n_test = _int(ev.get("limit"), sample.test_rows) or sample.test_rows
+    eval_new = _int(ev.get("max_new_tokens"), 128)
+    tps = None
+    if probe:
+        got = [float(s.get("tokens_out", 0)) / max(float(s.get("latency_ms_mean", 0)) * 1e-3
+                                                     * max(int(s.get("n", 1)), 1), 1e-9)
+               for s in probe.get("scores", []) or []
+               if isinstance(s, dict) and s.get("name") == teacher.label
+               and s.get("tokens_out")]
+        tps = got[0] if got else None
+    dtype = "fp32"
+    return JobWork(
+        student=chosen.model, params=shape.params, trainable_params=float(trainable),
+        weight_bytes=shape.params * BYTES[dtype], hidden=shape.hidden, layers=shape.layers,
+        seq_tokens=row_tokens, trainer=spec.trainer, dtype=dtype,
+        train_tokens=tokens, train_steps=steps, rollout_tokens=rollout,
+        synth_rows=synth_rows * tries, synth_new_tokens=float(synth_rows * tries * max_new),
+        synth_prompt_tokens=float(synth_rows * tries * sample.prompt_chars * tpc),
+        teacher=teacher.label, teacher_local=not remote, teacher_params=teacher_params,
+        teacher_usd=usd, teacher_tokens_per_s=tps, eval_prompts=2 * n_test,
+        eval_new_tokens=float(2 * n_test * eval_new),
+        artifact_bytes=shape.params * 4 * (3 if not lora else 1),
+        devices=1, notes=notes,
+    )
+
