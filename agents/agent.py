@@ -8,6 +8,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+import msgspec
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -93,6 +94,17 @@ class Agent:
             log.warning("calibration_failed", agent_id=self.agent_id, exc_info=True)
             cap = Capacity(measured_at=utc_now(), job_threads=self.config.job_threads,
                            error=f"{type(exc).__name__}: {exc}")
+        notes = []
+        if self._gpus and cap.device != "cuda" and cap.matmul_tflops:
+            notes.append(f"NVML sees {len(self._gpus)} GPU(s) but torch could not use CUDA: "
+                         "these are CPU figures (check the driver and the torch build)")
+        if (holders := self.runner.training_jobs()):
+            # a job took the devices meanwhile: its load is in these figures
+            notes.append(f"training job {holders[0]} started during the benchmarks; the "
+                         "figures include its load (recalibrate when idle)")
+        if notes:
+            cap = msgspec.structs.replace(cap, error="; ".join([*filter(None, [cap.error]),
+                                                                *notes]))
         if cap.error:
             log.warning("calibration_incomplete", agent_id=self.agent_id, error=cap.error)
         self.capacity = cap

@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from plugins.catalogs.static import REGIONS, region_latency_ms  # noqa: E402
-from plugins.selectors.objectives import GPU_TFLOPS, filter_offers  # noqa: E402
+from plugins.selectors.objectives import filter_offers  # noqa: E402
 from plugins.selectors.pfg import ParetoFrontGrid, grid_pick  # noqa: E402
 from schemas.specs import Constraints, ServerOffer  # noqa: E402
+from stratosd.costmodel.capacity import GPU_TABLE  # noqa: E402
 
 # $/h per GPU around which synthetic prices vary
 LIST_PRICE = {"B200": 5.5, "MI300X": 3.5, "H200": 3.6, "H100 PCIe": 2.4, "H100": 2.8,
@@ -47,7 +48,7 @@ MEM_MIB = {"B200": 183359, "MI300X": 196608, "H200": 143771, "A100": 81920, "H10
 def synthetic_offers(n: int, seed: int = 0) -> list[ServerOffer]:
     """n plausible offers with duplicates and ties, as a real big marketplace would list."""
     rng = np.random.default_rng(seed)
-    models = [name for name, _p, _t in GPU_TFLOPS]
+    models = [row[0] for row in GPU_TABLE]
     model = rng.integers(len(models), size=n)
     count = rng.choice([1, 1, 1, 2, 4, 8], size=n)
     regions = list(REGIONS)

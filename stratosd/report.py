@@ -5,26 +5,34 @@ stored in `run.results` (see `stratosd/stages.py`); any stage may be missing or 
 the report then says what is missing instead of failing. matplotlib is imported inside the
 plot functions only.
 
-The score and the baselines on the same fleet come from `stratosd.score`; only the run's own
-server was measured, and the report says so next to every derived number.
+The score and the baselines on the same fleet come from `stratosd.score`, their time and $
+from the core cost model (`stratosd.costmodel`): only the run's own server was measured, and
+every other number says it is an estimate, with the model's interval and history. The
+"Cost model" section sets each phase's estimate (made before it ran) against its measurement.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 
 from schemas.commands import RunInfo
+from schemas.costs import Estimate
 from schemas.specs import Selection, ServerOffer
 from stratosd import score as mos
 from stratosd.plugins import Plugins
+from stratosd.score import RunCosting, compare_selectors, run_costing, stage_costs, sub_dict
 from stratosd.score import as_offer as _offer
-from stratosd.score import compare_selectors, sub_dict
+from stratosd.score import decode as _decode
 from stratosd.score import finite as _num
 from stratosd.score import stage_result as _res
+
+if TYPE_CHECKING:
+    from stratosd.costmodel.costs import CostModel
+    from stratosd.costmodel.model import JobCosting
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -44,8 +52,9 @@ def _figure(w: float = 7.0, h: float = 4.5) -> Any:
     return fig
 
 
-def plot_pareto(run: RunInfo, path: Path) -> Path | None:
-    """The fleet with the Pareto front and the pick (planning.plot_plan, else a simple scatter)."""
+def plot_pareto(run: RunInfo, path: Path, costing: JobCosting | None = None) -> Path | None:
+    """The fleet with the Pareto front and the pick (planning.plot_plan, else a simple scatter);
+    costing: the job's, as the selectors saw it (select_server's stored work)."""
     sel = _res(run, "select_server")
     offers = [o for o in (_offer(x) for x in sel.get("offers", []) or []) if o is not None]
     try:
@@ -56,26 +65,28 @@ def plot_pareto(run: RunInfo, path: Path) -> Path | None:
     try:
         from stratosd.planning import plot_plan
 
-        return Path(plot_plan(offers, selection, path, est_train_hours=run.spec.est_train_hours))
+        return Path(plot_plan(offers, selection, path, costing=costing))
     except Exception:  # noqa: BLE001 - fall back to our own scatter, never lose the report
         log.warning("plot_plan_failed", run_id=run.run_id, exc_info=True)
-    return plot_servers_simple(offers, selection, path, est_train_hours=run.spec.est_train_hours)
+    return plot_servers_simple(offers, selection, path, costing=costing)
 
 
 def plot_servers_simple(
-    offers: list[ServerOffer], selection: Selection, path: Path, *, est_train_hours: float
+    offers: list[ServerOffer], selection: Selection, path: Path, *,
+    costing: JobCosting | None = None,
 ) -> Path:
-    """Fallback Pareto plot: $ for est_train_hours (price x hours) vs latency, pick starred."""
+    """Fallback Pareto plot: the cost model's job $ (else $/h) vs latency, pick starred."""
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     front = set(selection.pareto_ids)
-    for o in offers:
-        ax.scatter([o.price_usd_per_hour * est_train_hours], [o.latency_ms],
-                   c="k" if o.id in front else "0.6", s=30)
+    pts = [*offers, selection.chosen]
+    xs = ([float(x) for x in costing.columns(pts).total_usd] if costing is not None
+          else [o.price_usd_per_hour for o in pts])
+    for o, x in zip(offers, xs, strict=False):
+        ax.scatter([x], [o.latency_ms], c="k" if o.id in front else "0.6", s=30)
     pick = selection.chosen
-    ax.scatter([pick.price_usd_per_hour * est_train_hours], [pick.latency_ms],
-               marker="*", s=250, c="red", label=f"pick: {pick.id}")
-    ax.set_xlabel(f"$ for {est_train_hours:g} h (price x hours)")
+    ax.scatter([xs[-1]], [pick.latency_ms], marker="*", s=250, c="red", label=f"pick: {pick.id}")
+    ax.set_xlabel("estimated job $ (cost model)" if costing is not None else "$/h")
     ax.set_ylabel("latency, ms")
     ax.set_title("Servers (black: Pareto-optimal)")
     ax.legend(fontsize=8)
@@ -314,12 +325,38 @@ def _md_endpoint(run: RunInfo) -> list[str]:
         return out + [f"Deployment skipped{': ' + dep['reason'] if dep.get('reason') else ''}.",
                       ""]
     m = sub_dict(dep, "metrics")
-    return out + [f"URL: **{dep.get('url')}** (endpoint `{dep.get('endpoint_id')}`, model "
-                  f"`{dep.get('model')}`, deployer `{dep.get('deployer')}`, agent "
-                  f"`{dep.get('agent_id')}`).", "",
-                  f"Measured serving: p50 {_f(m.get('latency_ms_p50'), '{:.1f}')} ms, p95 "
-                  f"{_f(m.get('latency_ms_p95'), '{:.1f}')} ms, "
-                  f"{_f(m.get('tokens_per_s'), '{:.1f}')} tokens/s.", ""]
+    out += [f"URL: **{dep.get('url')}** (endpoint `{dep.get('endpoint_id')}`, model "
+            f"`{dep.get('model')}`, deployer `{dep.get('deployer')}`, agent "
+            f"`{dep.get('agent_id')}`).", ""]
+    return out + [f"Measured serving: {serving_latency(m)}.", ""]
+
+
+def serving_latency(m: dict[str, Any]) -> str:
+    """The deploy probe's latency in words; missing numbers are n/a, never 0."""
+    requests, errors = _num(m.get("requests")), _num(m.get("errors"))
+    counts = (f"{errors:.0f} failed of {requests:.0f} probe requests"
+              if requests is not None and errors is not None else "")
+    if _num(m.get("latency_ms_p50")) is None:
+        why = ("every probe request failed" if requests and errors is not None
+               and errors >= requests else "not measured")
+        return f"latency n/a ({why})" + (f"; {counts}" if counts else "")
+    parts = [f"p50 {_f(m.get('latency_ms_p50'), '{:.1f}')} ms, p95 "
+             f"{_f(m.get('latency_ms_p95'), '{:.1f}')} ms per request"]
+    if _num(m.get("ttft_ms_p50")) is not None:
+        parts.append(f"TTFT p50 {_f(m.get('ttft_ms_p50'), '{:.1f}')} ms")
+    if _num(m.get("tpot_ms_p50")) is not None:
+        parts.append(f"TPOT p50 {_f(m.get('tpot_ms_p50'), '{:.1f}')} ms")
+    parts.append(f"{_f(m.get('tokens_per_s'), '{:.1f}')} tokens/s")
+    return ", ".join(parts) + (f"; {counts}" if counts else "")
+
+
+def _est_cell(value: Any, est: Any, fmt: str, measured: bool) -> str:
+    """A value, with the estimate's interval when it is an estimate."""
+    e = None if measured else _decode(est, Estimate)
+    text = _f(value, fmt)
+    if e is None or _num(value) is None:
+        return text
+    return f"{text} ({fmt.format(e.low)}–{fmt.format(e.high)})"
 
 
 def _md_score(comparison: dict[str, Any]) -> list[str]:
@@ -328,7 +365,6 @@ def _md_score(comparison: dict[str, Any]) -> list[str]:
         return out + [f"_Not computed: {comparison.get('reason')}._", ""]
     sc = comparison["score"]
     w = sc["weights"]
-    meas = comparison["measured"]
     out += ["Formula (PAPER.md): each metric min-max normalised over the feasible candidates "
             "below (1 = best), then a weighted sum divided by the sum of weights:", "",
             "```", sc["formula"], "```", "",
@@ -343,31 +379,92 @@ def _md_score(comparison: dict[str, Any]) -> list[str]:
                 f"{', '.join(sc['dropped'])}.", ""]
     rows = comparison["rows"]
     out += _table(
-        ["selector", "server", "H", "$/h", "accuracy", "latency ms", "train s", "cost $",
-         *(f"n_{m}" for m in mos.METRICS), "score", "source"],
+        ["selector", "server", "TFLOP/s", "$/h", "accuracy", "network latency ms", "train s",
+         "job $", *(f"n_{m}" for m in mos.METRICS), "score", "numbers"],
         [[f"**{r['selector']} (Stratos)**" if r["role"] == "stratos" else r["selector"],
-          r.get("server") or "—", _f(r.get("hardware_score"), "{:.0f}"),
+          r.get("server") or "—", _f(r.get("hardware_tflops"), "{:.3g}"),
           _f(r.get("price_usd_per_hour"), "{:.2f}"), _pct(r.get("accuracy")),
-          _f(r.get("latency_ms"), "{:.1f}"), _f(r.get("train_time_s"), "{:.1f}"),
-          _f(r.get("cost_usd"), "{:.4f}"),
+          _f(r.get("latency_ms"), "{:.1f}"),
+          _est_cell(r.get("train_time_s"), (r.get("estimate") or {}).get("train_time_s"),
+                    "{:.3g}", bool(r.get("measured"))),
+          _est_cell(r.get("cost_usd"), (r.get("estimate") or {}).get("cost_usd"), "{:.3g}",
+                    bool(r.get("measured"))),
           *(_f((r.get("terms") or {}).get(m), "{:.3f}", "—") for m in mos.METRICS),
           _f(r.get("score"), "{:.3f}", "infeasible"),
-          "measured" if r.get("measured") else ("derived; " + str(r.get("fit", "")))]
+          r.get("provenance", "") + ("" if r.get("feasible") else f"; {r.get('fit', '')}")]
          for r in rows])
     imp = comparison.get("improvement_pct")
     mine = _f(comparison["stratos_score"], "{:.3f}")
-    out += [f"Stratos ({comparison['selector']}) score **{mine}**; best baseline "
-            f"{comparison.get('best_baseline')} "
-            f"{_f(comparison.get('best_baseline_score'), '{:.3f}')}; improvement "
-            f"**{_f(imp, '{:+.1f}%')}**"
-            + (" (n/a: no feasible baseline, or its score is 0)" if imp is None else "") + ".",
-            "",
-            f"Only {comparison['trained_on']} was measured (H = "
-            f"{comparison['hardware_score_trained_on']:.3g}; serving latency from "
-            f"{meas['serve_latency_source']}); the baselines' numbers are derived from it, see "
-            "below.", ""]
+    if comparison.get("agreement"):
+        out += [f"**{str(comparison['agreement']).capitalize()}.** Improvement over the best "
+                "baseline: n/a: all selectors agree.", ""]
+    else:
+        out += [f"Stratos ({comparison['selector']}) score **{mine}**; best baseline "
+                f"{comparison.get('best_baseline')} "
+                f"{_f(comparison.get('best_baseline_score'), '{:.3f}')}; improvement "
+                f"**{_f(imp, '{:+.1f}%')}**"
+                + (" (n/a: no feasible baseline, or its score is 0)" if imp is None else "")
+                + (f" ({comparison.get('best_baseline')} picked the same server)"
+                   if imp is not None and any(r["selector"] == comparison.get("best_baseline")
+                                              and r.get("server") == comparison["trained_on"]
+                                              for r in rows) else "")
+                + ".", ""]
+    cm = comparison.get("cost_model") or {}
+    out += [f"Only {comparison['trained_on']} was measured. Every other server's training time "
+            "and $ are the cost model's estimates for the same work (student "
+            f"{cm.get('work_student') or 'unknown'}), with their 90% interval in brackets and "
+            "the model's history in the last column; "
+            + ("the daemon's learned efficiencies include this run's measured phases."
+               if cm.get("learned") else "no learned efficiencies were passed: priors only.")
+            + " Latency is each server's network latency as the selectors see it; the run's "
+            "serving latency is in the Endpoint section.", "",
+            comparison.get("accuracy_note", ""), ""]
     out += [f"- {n}" for n in comparison.get("notes", [])]
     return out + ([""] if comparison.get("notes") else [])
+
+
+def _md_costmodel(run: RunInfo, summary: dict[str, Any]) -> list[str]:
+    out = ["## Cost model: estimated vs measured", ""]
+    costs = stage_costs(run)
+    tr = _res(run, "train")
+    loop = _decode(tr.get("train_time_estimate"), Estimate)
+    if not costs and loop is None:
+        out += ["_No stage stored a cost (estimate vs measurement)._", ""]
+    else:
+        out += ["Each phase's estimate was made on the run's server just before it ran (90% "
+                "interval and source in brackets); measured = the stage's wall time. Error = "
+                "measured / estimated − 1.", ""]
+        rows = []
+        for phase, c in costs.items():
+            est = _decode(c.get("estimated_s"), Estimate)
+            usd = _decode(c.get("estimated_usd"), Estimate)
+            rows.append([phase, c.get("server") or "?",
+                         est.describe() if est else "n/a", _f(c.get("measured_s"), "{:.1f}"),
+                         _err(c.get("measured_s"), est), usd.describe("{:.4f}") if usd else "n/a",
+                         _f(c.get("measured_usd"), "{:.4f}")])
+        if loop is not None or _num(tr.get("train_time_s")) is not None:
+            rows.append(["training loop (train_time_s)",
+                         (costs.get("train") or {}).get("server") or "",
+                         loop.describe() if loop else "n/a",
+                         _f(tr.get("train_time_s"), "{:.1f}"),
+                         _err(tr.get("train_time_s"), loop), "—", "—"])
+        out += _table(["phase", "server", "estimated s", "measured s", "error",
+                       "estimated $", "measured $"], rows)
+    total, budget = summary.get("cost_usd"), run.spec.constraints.budget_usd
+    job = _decode(sub_dict(_res(run, "select_server"), "estimate").get("usd"), Estimate)
+    out += [f"Total $ (measured): **{_f(total, '${:.4f}')}** "
+            + (f"of budget ${budget:.2f} ({total / budget:.0%})" if budget and total is not None
+               else f"(budget ${budget:.2f})" if budget is not None else "(no budget set)")
+            + (f"; estimated at server selection: {job.describe('{:.4f}')}" if job else "")
+            + ".", ""]
+    return out
+
+
+def _err(measured: Any, est: Estimate | None) -> str:
+    m = _num(measured)
+    if m is None or est is None or est.value <= 0:
+        return "n/a"
+    return f"{(m / est.value - 1.0) * 100:+.0f}%"
 
 
 def render_markdown(run: RunInfo, data: dict[str, Any]) -> str:
@@ -383,24 +480,27 @@ def render_markdown(run: RunInfo, data: dict[str, Any]) -> str:
         out += [f"Error: {run.error.get('message', run.error)}", ""]
     if data["missing_stages"]:
         out += [f"Missing stage results: {', '.join(data['missing_stages'])}.", ""]
+    target = ("no target" if s["target"] == "no target"
+              else f"{_pct(s['target_accuracy'])}: {s['target']}")
+    improvement = ("n/a: all selectors agree" if s["all_selectors_agree"]
+                   else _f(s["improvement_pct"], "{:+.1f}%"))
     out += ["## Summary", ""]
     out += _table(["", "value"], [
         ["server", s["server"] or "n/a"], ["teacher", s["teacher"] or "n/a"],
         ["student", s["student"] or "n/a"], ["strategy", s["mode"] or "n/a"],
         ["accuracy before → after", f"{_pct(s['accuracy_before'])} → {_pct(s['accuracy_after'])}"],
-        ["quality target (constraints.target_accuracy)",
-         f"{_pct(s['target_accuracy'])}: " + ("n/a" if s["target_met"] is None
-                                              else "met" if s["target_met"] else "NOT met")],
+        ["quality target (constraints.target_accuracy)", target],
         ["teacher probe accuracy", _pct(s["teacher_accuracy"])],
-        ["latency (serving p50 + network) ms", _f(s["latency_ms"], "{:.1f}")],
-        ["training time s", _f(s["train_time_s"], "{:.1f}")],
-        ["cost $ (training + synthesis)", _f(s["cost_usd"], "{:.4f}")],
+        ["serving latency p50 ms (measured)", _f(s["latency_ms"], "{:.1f}")],
+        ["training time s (measured)", _f(s["train_time_s"], "{:.1f}")],
+        ["cost $ (measured, every phase)", _f(s["cost_usd"], "{:.4f}")],
+        ["budget $", _f(s["budget_usd"], "{:.2f}", "none")],
         ["multi-objective score", _f(s["score"], "{:.3f}")],
-        ["improvement over best baseline", _f(s["improvement_pct"], "{:+.1f}%")],
+        ["improvement over best baseline", improvement],
         ["endpoint", s["url"] or "n/a"],
     ])
     out += _md_server(run, plots) + _md_teacher(run) + _md_student(run) + _md_strategy(run)
-    out += _md_training(run, plots) + _md_accuracy(run, plots) + _md_cost(data)
+    out += _md_training(run, plots) + _md_accuracy(run, plots) + _md_costmodel(run, s)
     out += _md_score(data["comparison"]) + _md_endpoint(run)
     out += ["## What is estimated vs measured", ""]
     for kind, items in data["estimated_vs_measured"].items():
@@ -408,35 +508,28 @@ def render_markdown(run: RunInfo, data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _md_cost(data: dict[str, Any]) -> list[str]:
-    comp = data["comparison"]
-    rows = comp.get("rows") or []
-    own = rows[0] if rows else {}
-    meas = comp.get("measured") or {}
-    if not comp.get("available") or own.get("cost_usd") is None:
-        return ["## Cost", "", "_Not computed: needs the server pick and the training time._", ""]
-    train_usd = own["cost_usd"] - meas.get("synthesis_cost_usd", 0.0)
-    return ["## Cost", "",
-            f"Training {_f(own.get('train_time_s'), '{:.1f}')} s × "
-            f"${_f(own.get('price_usd_per_hour'), '{:.2f}')}/h = ${train_usd:.4f}; synthesis "
-            f"${meas.get('synthesis_cost_usd', 0.0):.4f}; total **${own['cost_usd']:.4f}**.", ""]
-
-
 # --- entry point -----------------------------------------------------------------------------
 
 
-def write_report(run: RunInfo, plugins: Plugins, out_dir: Path) -> dict[str, Any]:
-    """Write report.md, report.json and the plots into out_dir; return a small summary."""
+def write_report(run: RunInfo, plugins: Plugins, out_dir: Path,
+                 costs: CostModel | None = None) -> dict[str, Any]:
+    """Write report.md, report.json and the plots into out_dir; return a small summary.
+
+    costs: the daemon's cost model (its learned efficiencies); without it the baselines'
+    estimates are the model's priors, and the report says so."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     missing = [s for s in STAGES if not _res(run, s)]
+    rc: RunCosting | None = None
     try:
-        comparison = compare_selectors(run, plugins)
+        rc = run_costing(run, plugins, costs)
+        comparison = compare_selectors(run, plugins, costs, rc=rc)
     except Exception as exc:  # noqa: BLE001 - the report must still be written
         log.warning("report_comparison_failed", run_id=run.run_id, exc_info=True)
         comparison = {"available": False, "reason": f"comparison failed: {exc!r}"}
+    costing = rc.select if rc is not None else None
     plots: dict[str, str | None] = {}
-    for key, fn, name in (("plot_pareto", plot_pareto, "pareto.png"),
+    for key, fn, name in (("plot_pareto", lambda r, p: plot_pareto(r, p, costing), "pareto.png"),
                           ("plot_loss", plot_loss, "loss.png"),
                           ("plot_accuracy", plot_accuracy, "accuracy.png")):
         try:
@@ -482,6 +575,16 @@ def _safe(fn: Any, run: RunInfo) -> Any:
         return None
 
 
+def quality_target(target: float, accuracy: float | None) -> tuple[str, bool | None]:
+    """('no target' | 'met' | 'NOT met' | 'n/a (not evaluated)', target_met)."""
+    if target <= 0:
+        return "no target", None
+    if accuracy is None:
+        return "n/a (not evaluated)", None
+    met = accuracy >= target
+    return ("met" if met else "NOT met"), met
+
+
 def headline(run: RunInfo, comparison: dict[str, Any]) -> dict[str, Any]:
     """The few numbers worth keeping in the run's KV entry."""
     ev = _res(run, "evaluate")
@@ -495,48 +598,59 @@ def headline(run: RunInfo, comparison: dict[str, Any]) -> dict[str, Any]:
         probe = _res(run, "probe_teachers")
         teacher_acc = next((_num(t.get("accuracy")) for t in probe.get("scores", []) or []
                             if isinstance(t, dict) and t.get("name") == probe.get("best")), None)
-    rows = comparison.get("rows") or []
-    own = rows[0] if rows and rows[0].get("role") == "stratos" else {}
+    measured = comparison.get("measured") or mos.measured_metrics(run)
     target = run.spec.constraints.target_accuracy
     acc_after = _num(after.get("accuracy"))
+    words, met = quality_target(target, acc_after)
     return {
         "target_accuracy": target,
-        "target_met": None if acc_after is None else acc_after >= target,
+        "target": words,
+        "target_met": met,
         "server": chosen.get("id"),
         "teacher": _res(run, "choose_strategy").get("teacher")
         or _res(run, "probe_teachers").get("best"),
         "student": _res(run, "select_student").get("chosen"),
         "mode": _res(run, "choose_strategy").get("mode"),
         "accuracy_before": _num(before.get("accuracy")),
-        "accuracy_after": _num(after.get("accuracy")),
+        "accuracy_after": acc_after,
         "teacher_accuracy": teacher_acc,
         "train_time_s": _num(_res(run, "train").get("train_time_s")),
-        "cost_usd": own.get("cost_usd"),
-        "latency_ms": own.get("latency_ms"),
+        "cost_usd": measured.get("total_usd"),
+        "budget_usd": run.spec.constraints.budget_usd,
+        "latency_ms": _num(sub_dict(_res(run, "deploy"), "metrics").get("latency_ms_p50")),
         "url": _res(run, "deploy").get("url"),
         "score": comparison.get("stratos_score"),
         "best_baseline": comparison.get("best_baseline"),
         "best_baseline_score": comparison.get("best_baseline_score"),
         "improvement_pct": comparison.get("improvement_pct"),
+        "all_selectors_agree": bool(comparison.get("all_agree")),
     }
 
 
 ESTIMATED_VS_MEASURED: dict[str, list[str]] = {
     "measured": [
-        "the run's own server: training time (train.train_time_s), student accuracy before and "
-        "after training on the held-out test set (evaluate), serving latency (deploy metrics, "
-        "else the evaluation's mean latency), teacher probe accuracy, synthesis cost",
+        "the run's own server: every phase's wall time and $ (each stage's `cost`: "
+        "measured_s, measured_usd, API $ included), the training loop (train.train_time_s), "
+        "student accuracy before and after training on the held-out test set (evaluate), "
+        "serving latency (deploy probe: p50/p95, TTFT, TPOT; n/a when every request failed), "
+        "teacher probe accuracy",
+        "every server's network latency (offer.latency_ms, measured by its agent): the "
+        "latency term of the score, the same L the selectors use",
     ],
     "estimated": [
-        "baseline servers: training time = measured time x H(run's server) / H(baseline "
-        "server), H = plugins.selectors.objectives hardware score (training taken as "
-        "compute-bound)",
-        "baseline servers: latency = measured serving p50 x H(run's server) / H(server) + the "
-        "server's network latency_ms (the run's server: measured p50 + its latency_ms)",
-        "cost = training hours x the server's $/h + synthesis cost (setup time not billed)",
-        "baseline servers: accuracy = the measured student accuracy (same student, same data); "
-        "the server is infeasible when select_student's memory estimate does not fit it",
-        "the selector's own plan (Pareto plot): job cost and hours are the selector's "
-        "estimates from est_train_hours, not measurements",
+        "each phase before it ran, on the run's server: the cost model's estimate (work ÷ "
+        "speed x learned efficiency + start-up), with its 90% interval and source (prior, or "
+        "calibrated from N past runs); the Cost model section sets it against the measurement",
+        "baseline servers: training time (the training-loop estimate) and the whole job's $ "
+        "from the same cost model, for the work this run did; a server the model sees exactly "
+        "like the run's takes the run's measurements at its own $/h ('same class'); without "
+        "the daemon's learned efficiencies the estimates are priors, and the report says so",
+        "baseline servers: accuracy is not estimated; the same student on the same data "
+        "reaches the same accuracy wherever it fits, so accuracy does not separate servers; a "
+        "server where select_student's memory estimate does not fit is infeasible",
+        "serving latency on servers other than the run's: not estimated (the cost model has "
+        "none), so it does not enter the cross-server score",
+        "the selector's own plan (Pareto plot): job $ and hours are the cost model's "
+        "estimates at server selection, not measurements",
     ],
 }

@@ -18,13 +18,14 @@ from stratosd.bus import Bus
 from stratosd.config import DaemonConfig
 from stratosd.costmodel.costs import STAGE_PHASE, CostModel
 from stratosd.dispatch import Dispatcher, Outcome
-from stratosd.errors import AgentUnavailable, ConfigError, Infeasible
+from stratosd.errors import AgentUnavailable, ConfigError, Infeasible, RemoteError
 from stratosd.fleet import Fleet
 from stratosd.pipeline import BudgetVerdict, StageFn, StageRun
 from stratosd.plugins import Plugins
 
 log = structlog.stdlib.get_logger(__name__)
 _STAGE_PARAM_KEYS = ("synthesis", "prescreen", "evaluate", "deploy")
+QUEUE_POLL_S = 2.0  # a queued run looks for a free server this often
 
 
 @dataclass
@@ -127,7 +128,7 @@ async def run_job(
         await ctx.remember_job(f"{job_key}@agent", agent_id)
         step_msg = RunStep(job_id=job_id, run_id=ctx.run_id, step=step,  # type: ignore[arg-type]
                            args=args, inputs=inputs or {}, source="stratosd")
-        await svc.dispatch.send(agent_id, step_msg)
+        await send_queued(ctx, agent_id, step_msg)
     assert agent_id is not None
     try:
         outcome = await svc.dispatch.wait(job_id)
@@ -138,12 +139,32 @@ async def run_job(
     return outcome
 
 
+async def send_queued(ctx: StageRun, agent_id: str, step: RunStep) -> None:
+    """Send a step; while the agent's devices are held by another run's training (it refuses
+    with `conflict`), wait in the queue instead of failing the run."""
+    svc = services(ctx)
+    waited = 0.0
+    while True:
+        try:
+            await svc.dispatch.send(agent_id, step)
+            return
+        except RemoteError as exc:
+            if exc.remote_code != "conflict":
+                raise
+            if waited % 30.0 == 0.0:
+                log.info("job_queued", agent_id=agent_id, reason=exc.message, waited_s=waited)
+                await ctx.pipeline.publish(
+                    subjects.run_event(ctx.run_id, "progress"),
+                    RunProgress(run_id=ctx.run_id, stage=ctx.stage, unit="s", done=waited,
+                                message=f"queued on {agent_id}: {exc.message}",
+                                source="stratosd"))
+            await asyncio.sleep(QUEUE_POLL_S)
+            waited += QUEUE_POLL_S
+
+
 def task_args(ctx: StageRun) -> dict[str, Any]:
     """The task spec as plain data."""
     return dict(to_builtins(ctx.spec.task))
-
-
-QUEUE_POLL_S = 2.0
 
 
 async def select_server(ctx: StageRun) -> dict[str, Any]:

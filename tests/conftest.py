@@ -77,6 +77,7 @@ async def start_agent(nats_url: str, tmp_path: Path, agent_id: str, price: float
     from agents.agent import Agent
     from stratosd.config import AgentConfig
 
+    kw.setdefault("calibrate", False)  # tests that need a capacity ask for it
     cfg = AgentConfig(nats_url=nats_url, home=str(tmp_path / "home"), agent_id=agent_id,
                       price_usd_per_hour=price, telemetry_interval_s=interval,
                       work_dir=str(tmp_path / "agents" / agent_id), grace_s=5.0, **kw)

@@ -94,7 +94,9 @@ def offer_speed(offer: ServerOffer, job_threads: int | None = None) -> Speed:
     cores).
     """
     cap = offer.capacity
-    measured = cap is not None and cap.source == "measured" and cap.error is None
+    # a benchmark that failed leaves its own figure None (and says why in error): the others
+    # still count as measured
+    measured = cap is not None and cap.source == "measured" and bool(cap.matmul_tflops)
     if offer.hardware_score is not None:  # a catalog's own figure replaces the table
         base = offer_speed(msgspec.structs.replace(offer, hardware_score=None), job_threads)
         return Speed(hw_class=base.hw_class, dtype=base.dtype,

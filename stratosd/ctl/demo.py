@@ -25,8 +25,8 @@ from stratosd.validate import parse_spec_toml, spec_from_data
 ROOT = Path(__file__).resolve().parents[2]
 # (id, $/h, region, CPU threads every job gets): really different capacity and prices, so the
 # selectors disagree and the report shows why PFG picked what it did
-AGENTS = (("cpu-a", 0.40, "us-east", 1), ("cpu-b", 0.60, "eu-west", 2),
-          ("cpu-c", 1.60, "ap-south", 2))
+AGENTS = (("cpu-a", 0.40, "us-east", 1), ("cpu-b", 1.00, "eu-west", 2),
+          ("cpu-c", 2.50, "ap-south", 2))
 FAST = {"task": {"params": {"n_train": 24, "n_test": 12}, "probe_size": 6},
         "teachers": [{"name": "tiny-general", "backend": "hf", "model": "config:tiny"}],
         "students": [{"model": "config:tiny"}],
@@ -126,17 +126,20 @@ async def _run(args: argparse.Namespace) -> int:
     users = _Users()
     try:
         bus = await _wait_daemon(home)
+        print("starting the agents one by one: each measures its capacity (matmul, memory, "
+              "disk, upload) alone, so the measurements do not disturb each other ...")
         for agent_id, price, region, threads in AGENTS:
             stack.spawn(agent_id, "agents", "--id", agent_id, "--price-per-hour", str(price),
                         "--region", region, "--threads", str(threads), "--probe-url",
                         f"users={users.url}", "--interval", "1", "--log-format", "json")
-        print("waiting for the agents to calibrate (matmul, memory, disk, upload) ...")
-        while True:
-            servers = (await bus.request(subjects.daemon_cmd("servers"), ListServers())).servers
-            if sum(s.offer.status == "up" and s.offer.capacity is not None
-                   and s.offer.latency_known for s in servers) == len(AGENTS):
-                break
-            await asyncio.sleep(0.5)
+            while True:
+                servers = (await bus.request(subjects.daemon_cmd("servers"),
+                                             ListServers())).servers
+                mine = [s for s in servers if s.offer.id == agent_id]
+                if mine and mine[0].offer.status == "up" and mine[0].offer.capacity \
+                        is not None and mine[0].offer.latency_known:
+                    break
+                await asyncio.sleep(0.5)
         print(f"daemon + {len(AGENTS)} agents up in {time.monotonic() - t0:.1f}s:")
         for s in servers:
             cap = s.offer.capacity

@@ -111,3 +111,23 @@ async def test_failed_benchmark_is_an_error_not_a_crash(nats_url: str, tmp_path:
     assert cap.upload_mbps is None
     assert cap.error is not None and cap.error.startswith("upload:")
     assert cap.matmul_tflops["fp32"] > 0 and cap.disk_write_mbps  # the others still report
+
+
+def test_job_threads_cap_reaches_job_children_and_trainer_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agents.runner import worker_env
+    from plugins.trainers.hparams import COMMON_PARAMS, resolve_params, size_defaults
+
+    env = worker_env(3)
+    assert env["STRATOS_JOB_THREADS"] == env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    monkeypatch.delenv("STRATOS_JOB_THREADS", raising=False)
+    assert "STRATOS_JOB_THREADS" not in worker_env(0)
+    assert size_defaults(1_000, "lora-sft")["cpu_threads"] == 1  # no cap: tiny → one thread
+
+    monkeypatch.setenv("STRATOS_JOB_THREADS", "3")  # what a job child of `--threads 3` sees
+    assert size_defaults(1_000, "lora-sft")["cpu_threads"] == 3
+    assert size_defaults(10**9, "sft")["cpu_threads"] == 3
+    for asked, got in ((2, 2), (8, 3), (0, 3)):  # the cap holds against overrides
+        params = resolve_params("sft", 1_000, {"cpu_threads": asked}, COMMON_PARAMS)
+        assert params["cpu_threads"] == got

@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,30 +24,6 @@ async def _until(pred: Any, timeout: float = 15.0) -> None:
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(loop(), timeout)
-
-
-class _Ok(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, *_: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def http_target() -> Iterator[str]:
-    """A real HTTP server on loopback: the users' side of the latency probe."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_probe_targets_parse_labels_and_keep_urls_whole() -> None:
@@ -101,16 +74,17 @@ async def test_unknown_latency_is_never_a_known_zero(daemon: Any, nats_url: str,
 
 
 async def test_probe_targets_give_user_latency(daemon: Any, nats_url: str, tmp_path: Path,
-                                               http_target: str) -> None:
+                                               users_url: str) -> None:
+    # users_url: a real HTTP server on loopback, the users' side of the probe
     dead = f"http://127.0.0.1:{free_port()}/"
     agent, task = await start_agent(
         nats_url, tmp_path, "edge", calibrate=False,
-        probe_url=[f"local={http_target}/health", f"{http_target}/?a=b", f"gone={dead}"])
+        probe_url=[f"local={users_url}health", f"{users_url}?a=b", f"gone={dead}"])
     try:
         await _until(lambda: daemon.fleet.is_up("edge")
                      and len(daemon.fleet.agents["edge"].telemetry.user_latency_ms) == 2)
         tlm = daemon.fleet.agents["edge"].telemetry
-        assert set(tlm.user_latency_ms) == {"local", f"{http_target}/?a=b"}  # "gone" left out
+        assert set(tlm.user_latency_ms) == {"local", f"{users_url}?a=b"}  # "gone" left out
         assert all(ms > 0 for ms in tlm.user_latency_ms.values())
         assert tlm.latency_ms == max(tlm.user_latency_ms.values())  # the worst target
         offer = daemon.fleet.offer("edge")

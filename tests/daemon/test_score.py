@@ -1,4 +1,5 @@
-"""The multi-objective score: min-max terms, weighted sum in [0, 1], degenerate and edge cases."""
+"""The multi-objective score: min-max terms, weighted sum in [0, 1], degenerate and edge cases;
+the comparison's helpers (agreement, same class, job $)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from schemas.costs import Estimate, JobEstimate, PhaseCost
 from schemas.specs import ScoreWeights
 from stratosd.errors import ConfigError
 from stratosd.score import (
     DEGENERATE_TERM,
     METRICS,
     Candidate,
+    agreement,
     improvement_pct,
+    job_cost,
+    same_class,
     score_candidates,
+    with_api_paid,
 )
 
 # accuracy, latency ms, train s, cost $: a fast expensive box, a cheap slow one, a middle one
@@ -156,3 +162,69 @@ def test_scores_in_unit_interval_and_match_recompute(
     for r in table.rows:
         assert r.score is not None and 0.0 <= r.score <= 1.0
         assert math.isclose(r.score, expected[r.candidate.name], rel_tol=1e-9, abs_tol=1e-9)
+
+
+# --- the comparison's helpers ------------------------------------------------------------
+
+
+def _row(selector: str, server: str | None, **metrics: float) -> dict[str, object]:
+    base = {"feasible": True, "accuracy": 0.4, "latency_ms": 5.0, "train_time_s": 60.0,
+            "cost_usd": 0.1}
+    return {"selector": selector, "server": server, **base, **metrics}
+
+
+def test_agreement_only_when_nothing_separates_the_picks() -> None:
+    same = [_row("pfg", "cpu-a"), _row("cost-first", "cpu-a"), _row("random", "cpu-a")]
+    assert agreement(same) == "every selector picked cpu-a: nothing to compare on this fleet"
+    no_pick = [*same[:2], _row("random", None)]
+    assert agreement(no_pick) == ("every selector picked cpu-a: nothing to compare on this "
+                                  "fleet (random made no pick)")
+    twins = [_row("pfg", "cpu-a"), _row("cost-first", "cpu-b")]
+    assert agreement(twins) == ("every selector's pick (cpu-a, cpu-b) has the same numbers on "
+                                "every metric: nothing to compare on this fleet")
+    assert agreement([_row("pfg", "cpu-a"), _row("cost-first", "cpu-b", cost_usd=0.05)]) is None
+    assert agreement([_row("pfg", "cpu-a")]) is None  # no baseline: nothing agrees
+
+
+def _estimate(server: str, train_s: float, price: float, api: float | None = None,
+              key: str = "cpu-8t.lt10M.lora-sft") -> JobEstimate:
+    def est(v: float, unit: str) -> Estimate:
+        return Estimate(value=v, low=v / 2, high=v * 2, unit=unit)
+
+    phases = [PhaseCost(phase=p, seconds=est(s, "s"), usd=est(s / 3600 * price, "USD"),
+                        key=f"{key}.{p}")
+              for p, s in (("synthesis", 100.0), ("train", train_s))]
+    if api is not None:
+        phases.append(PhaseCost(phase="synthesis-api", billed_on="api",
+                                seconds=Estimate(value=0, low=0, high=0), usd=est(api, "USD")))
+    total = 100.0 + train_s
+    usd = total / 3600 * price + (api or 0.0)
+    return JobEstimate(server=server, phases=phases, seconds=est(total, "s"),
+                       usd=Estimate(value=usd, low=usd / 2, high=usd * 2))
+
+
+def test_same_class_needs_the_same_keys_and_time() -> None:
+    a = _estimate("a", 500.0, 0.1)
+    assert same_class(a, _estimate("b", 500.0, 0.05))  # price does not matter
+    assert not same_class(a, _estimate("b", 400.0, 0.1))
+    assert not same_class(a, _estimate("b", 500.0, 0.1, key="gpu-l4.lt10M.lora-sft"))
+    assert not same_class(a, None)
+
+
+def test_job_cost_measured_phases_at_this_price_estimate_for_the_rest() -> None:
+    est = _estimate("b", 500.0, 0.05, api=0.3)
+    measured = {"train": {"measured_s": 720.0, "measured_usd": 720.0 / 3600 * 0.1}}
+    cost, estimated = job_cost(measured, est, price=0.05, run_price=0.1)
+    # train as measured, at b's price; synthesis (not measured) estimated, with its API $
+    assert cost == pytest.approx(720.0 / 3600 * 0.05 + 100.0 / 3600 * 0.05 + 0.3)
+    assert estimated == ["synthesis"]
+    assert job_cost({}, None, 0.1, 0.1) == (None, [])
+
+
+def test_api_dollars_are_the_measured_ones_on_every_server() -> None:
+    est = _estimate("b", 500.0, 0.05, api=0.3)
+    usd = with_api_paid(est, 0.12)
+    assert usd is not None and est.usd is not None
+    assert usd.value == pytest.approx(est.usd.value - 0.3 + 0.12)
+    assert usd.low == pytest.approx(est.usd.low - 0.15 + 0.12)
+    assert with_api_paid(est, None) == est.usd

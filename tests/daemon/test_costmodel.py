@@ -1,0 +1,253 @@
+"""The cost model: work from the job, speeds from measurements, learned efficiency, budgets."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from schemas import subjects
+from schemas.base import to_builtins
+from schemas.commands import RunInfo
+from schemas.specs import RunSpec, ServerOffer
+from schemas.telemetry import Capacity
+from stratosd.costmodel import JobCosting
+from stratosd.costmodel.costs import CostModel
+from stratosd.costmodel.learn import EfficiencyBook, posterior
+from stratosd.costmodel.work import estimate_work, model_shape
+from stratosd.errors import ConfigError
+from stratosd.plugins import Plugins
+from stratosd.validate import parse_spec_toml
+from tests.conftest import ROOT
+
+DEMO = ROOT / "examples" / "mahjong-demo.toml"
+CPU = ServerOffer(id="cpu", agent_id="cpu", cpu_count=2, price_usd_per_hour=0.4,
+                  latency_ms=1.0)
+
+
+@pytest.fixture(scope="module")
+def plugins() -> Plugins:
+    return Plugins()
+
+
+def spec(**over: Any) -> RunSpec:
+    data = msgspec.to_builtins(parse_spec_toml(DEMO))
+    data.update(over)
+    return msgspec.convert(data, RunSpec)
+
+
+def test_student_size_from_config_matches_the_real_model() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from plugins.models.hf import model_config_dict, parse_config_ref
+
+    for ref in ("config:tiny", "config:small", "config:base"):
+        name, over = parse_config_ref(ref)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**model_config_dict(name, over)))
+        real = sum(p.numel() for p in model.parameters())
+        assert model_shape(ref).params == real
+
+
+def test_student_size_from_a_local_dir_and_from_a_hub_name(tmp_path: Path) -> None:
+    # a Qwen2.5-0.5B-shaped config.json, as the hub ships it (tied embeddings)
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "intermediate_size": 4864,
+           "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+           "vocab_size": 151936, "tie_word_embeddings": True, "model_type": "qwen2"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shape = model_shape(str(tmp_path))
+    # Qwen2.5-0.5B has 494M parameters (without q/k/v biases, which this count leaves out)
+    assert shape.params == pytest.approx(494e6, rel=0.01)
+    assert model_shape("Qwen/Qwen2.5-7B-Instruct").params == 7e9
+    with pytest.raises(ConfigError, match="cannot tell the size") as exc:
+        model_shape("someone/mystery-model")
+    assert exc.value.field == "students"
+
+
+def test_training_work_comes_from_the_job(plugins: Plugins) -> None:
+    s = spec()
+    w = estimate_work(s, plugins)
+    row = w.seq_tokens
+    assert w.train_steps == 400
+    assert w.train_tokens == pytest.approx(400 * 16 * row)  # max_steps x batch x row length
+    assert 100 < row < 512  # prompt + reference reasoning of a level-1 hand, char-level
+    assert w.student == "config:small" and w.trainer == "full-sft"
+    assert w.trainable_params == w.params
+    assert w.eval_prompts == 2 * 40 and w.teacher_local
+    assert "task's training data" in w.notes["row_length"]
+    lora = estimate_work(spec(trainer="lora-sft"), plugins)
+    assert lora.trainable_params < lora.params / 5
+    # rows kept by synthesis and their measured length refine it
+    fewer = estimate_work(spec(train={"num_train_epochs": 2, "max_steps": -1}), plugins,
+                          rows=100, row_chars=150.0)
+    assert fewer.train_tokens == pytest.approx(100 * 2 * (150.0 + 2))
+
+
+def test_api_teacher_needs_a_price(plugins: Plugins) -> None:
+    teacher = {"backend": "openai", "model": "my-private-model", "api_key_env": "X"}
+    s = spec(teachers=[{"backend": "openai", "model": "my-private-model"}])
+    with pytest.raises(ConfigError, match="no known price") as exc:
+        estimate_work(s, plugins)
+    assert exc.value.field == "teachers" and "price_in_per_mtok" in exc.value.hint
+    del teacher
+    priced = spec(teachers=[{"backend": "openai", "model": "my-private-model",
+                             "params": {"price_in_per_mtok": 1.0, "price_out_per_mtok": 4.0}}])
+    w = estimate_work(priced, plugins)
+    assert not w.teacher_local and w.teacher_usd is not None and w.teacher_usd.value > 0
+    known = estimate_work(spec(teachers=[{"backend": "openai", "model": "gpt-4o-mini"}]),
+                          plugins)
+    costing = JobCosting(known)
+    assert costing.columns([CPU]).total_usd[0] == pytest.approx(
+        costing.columns([CPU]).server_usd[0] + known.teacher_usd.value)  # type: ignore[union-attr]
+
+
+def test_devices_the_trainer_does_not_use_are_not_credited(plugins: Plugins) -> None:
+    w = estimate_work(spec(), plugins)
+    one = ServerOffer(id="1", gpu_model="H100", gpu_count=1, gpu_mem_mib=81920,
+                      price_usd_per_hour=2.0)
+    eight = msgspec.structs.replace(one, id="8", gpu_count=8, price_usd_per_hour=16.0)
+    cols = JobCosting(w).columns([one, eight])
+    assert cols.hardware[0] == cols.hardware[1]  # one device trains either way
+    assert cols.seconds[0] == pytest.approx(cols.seconds[1])
+    assert cols.total_usd[1] == pytest.approx(8 * cols.total_usd[0])
+
+
+def test_measured_capacity_replaces_the_table(plugins: Plugins) -> None:
+    w = estimate_work(spec(), plugins)
+    cap = Capacity(device="cpu", threads=2, job_threads=2, matmul_tflops={"fp32": 0.2},
+                   mem_bw_gbps=8.0, disk_write_mbps=300.0, upload_mbps=50.0)
+    fast = msgspec.structs.replace(CPU, id="fast", capacity=cap)
+    slow_cap = msgspec.structs.replace(cap, matmul_tflops={"fp32": 0.05})
+    slow = msgspec.structs.replace(CPU, id="slow", capacity=slow_cap)
+    costing = JobCosting(w)
+    cols = costing.columns([CPU, fast, slow])
+    assert list(cols.measured) == [False, True, True]
+    assert cols.hardware[1] == pytest.approx(0.2) and cols.hardware[2] == pytest.approx(0.05)
+    assert cols.seconds[2] > cols.seconds[1]
+    est = costing.estimate(fast)
+    assert est.capacity_source == "measured"
+    assert {p.phase for p in est.phases} >= {"train", "evaluate", "synthesis"}
+    train = next(p for p in est.phases if p.phase == "train")
+    assert train.seconds.source == "prior" and train.seconds.low < train.seconds.value \
+        < train.seconds.high
+    assert "FLOPs" in train.basis and "measured" in train.basis
+
+
+def test_efficiency_is_learned_and_narrows(plugins: Plugins) -> None:
+    book = EfficiencyBook()
+    k = "cpu-1t.lt10M.full-sft.train"
+    first = posterior(book.records.get(k))
+    assert first.factor == 1.0 and first.n == 0
+    book.observe(k, prior_s=100.0, measured_s=180.0)
+    one = book.correction(k)
+    assert 1.6 < one.factor < 1.8  # most of the way to 1.8 after one run
+    assert one.ratio < first.ratio  # and the interval narrowed
+    for measured in (175.0, 185.0, 178.0):
+        book.observe(k, prior_s=100.0, measured_s=measured)
+    four = book.correction(k)
+    assert four.factor == pytest.approx(1.79, rel=0.03) and four.n == 4
+    assert four.ratio < one.ratio
+    w = estimate_work(spec(), plugins)
+    before = JobCosting(w).estimate(CPU)
+    after = JobCosting(w, EfficiencyBook({"cpu-1t.lt10M.full-sft.train": book.records[k]}))
+    est = after.estimate(CPU)
+    t0 = next(p for p in before.phases if p.phase == "train").seconds
+    t1 = next(p for p in est.phases if p.phase == "train").seconds
+    assert t1.source == "calibrated" and t1.n == 4
+    assert t1.value == pytest.approx(t0.value * four.factor)
+
+
+async def test_learned_efficiency_survives_in_kv(daemon: Any) -> None:
+    book = daemon.costs.book
+    book.observe("cpu-2t.lt10M.lora-sft.train", 10.0, 20.0)
+    await daemon.costs.save(daemon.bus, ["cpu-2t.lt10M.lora-sft.train"])
+    fresh = EfficiencyBook()
+    await fresh.load(daemon.bus)
+    got = fresh.correction("cpu-2t.lt10M.lora-sft.train")
+    assert got.n == 1 and got.factor > 1.5
+    kv = await daemon.bus.kv(subjects.COSTMODEL_BUCKET)
+    assert "cpu-2t.lt10M.lora-sft.train" in await kv.keys()
+
+
+def test_a_given_training_time_far_from_the_model_is_refused(plugins: Plugins) -> None:
+    costs = CostModel(plugins)
+    with pytest.raises(ConfigError, match="disagrees with the cost model") as exc:
+        costs.check_given(spec(est_train_hours=50.0), [CPU])
+    assert exc.value.field == "est_train_hours" and "--force" in exc.value.hint
+    costs.check_given(spec(est_train_hours=50.0), [CPU], force=True)
+    costs.check_given(spec(), [CPU])  # no override: nothing to check
+
+
+def _run(s: RunSpec, results: dict[str, Any]) -> RunInfo:
+    now = datetime.now(UTC)
+    return RunInfo(run_id="01jcostmodeltest0000000000", name=s.name, state="running",
+                   stage="train", created=now, updated=now, spec=s, results=results)
+
+
+def test_budget_counts_every_phase_and_what_was_spent(plugins: Plugins) -> None:
+    costs = CostModel(plugins)
+    s = spec()
+    full = costs.costing(s).estimate(CPU)
+    assert full.usd is not None and full.seconds is not None
+    by_phase = sum(p.usd.value for p in full.phases)
+    assert full.usd.value == pytest.approx(by_phase)  # one budget: the sum of all phases
+    run = _run(s, {"select_server": {}, "probe_teachers": {"cost": {"measured_usd": 0.5}},
+                   "select_student": {"cost": {"measured_usd": 0.25}}})
+    assert costs.spent_usd(run) == pytest.approx(0.75)
+    rest = costs.remaining(run, "choose_strategy", CPU)
+    assert rest is not None
+    later = {p.phase for p in costs.costing(s, phases=("synthesis", "train", "evaluate",
+                                                         "deploy")).estimate(CPU).phases}
+    assert later == {"synthesis", "train", "evaluate", "deploy"}
+    assert 0 < rest.value < full.usd.value
+
+
+async def test_budget_check_stops_a_run_that_would_overspend(daemon: Any) -> None:
+    from stratosd.stages import budget_check
+
+    s = spec(constraints={"budget_usd": 0.01, "target_accuracy": 0.0})
+    chosen = to_builtins(CPU)
+    run = _run(s, {"select_server": {"selection": {"chosen": chosen}, "agent_id": None},
+                   "probe_teachers": {"cost": {"measured_usd": 0.009}}})
+    verdict = await budget_check(run, "synthesize", daemon.pipeline.services)
+    assert verdict is not None
+    assert verdict.spent_usd == pytest.approx(0.009) and verdict.next_usd > 0.001
+    assert "would be exceeded" in verdict.message and "synthesize" in verdict.message
+    roomy = _run(msgspec.structs.replace(
+        s, constraints=msgspec.structs.replace(s.constraints, budget_usd=1000.0)), run.results)
+    assert await budget_check(roomy, "synthesize", daemon.pipeline.services) is None
+
+
+async def test_submit_refuses_a_job_whose_estimate_breaks_the_budget(
+        daemon: Any, nats_url: str, tmp_path: Path, users_url: str) -> None:
+    import asyncio
+
+    from tests.conftest import start_agent
+
+    a, task = await start_agent(nats_url, tmp_path, "cpu-1", price=0.4, calibrate=False,
+                                probe_url=[f"users={users_url}"])
+    try:
+        deadline = asyncio.get_running_loop().time() + 15
+        while not (daemon.fleet.is_up("cpu-1") and daemon.fleet.offer("cpu-1").latency_known):
+            assert asyncio.get_running_loop().time() < deadline, "no latency measured"
+            await asyncio.sleep(0.1)
+        data = msgspec.to_builtins(spec(constraints={"budget_usd": 0.0001,
+                                                     "max_latency_ms": 500}))
+        body = json.dumps({"type": "submit_run", "spec": data}).encode()
+        msg = await daemon.bus.nc.request(subjects.daemon_cmd("submit"), body, timeout=20)
+        reply = json.loads(msg.data)
+        assert reply["code"] == "infeasible" and reply["field"] == "constraints.budget_usd"
+        assert "budget $0.00 too low" in reply["message"] and "cpu-1" in reply["message"]
+        cost = float(reply["message"].split("costs $")[1].split(" ")[0])
+        assert math.isfinite(cost) and cost > 0.0001
+        runs = await daemon.store.list()
+        assert runs == []  # nothing was started
+    finally:
+        a.stop()
+        await asyncio.wait_for(task, 30)
