@@ -410,8 +410,9 @@ def _md_score(comparison: dict[str, Any]) -> list[str]:
                                               for r in rows) else "")
                 + ".", ""]
     cm = comparison.get("cost_model") or {}
-    out += [f"Only {comparison['trained_on']} was measured. Every other server's training time "
-            "and $ are the cost model's estimates for the same work (student "
+    out += [f"Only {comparison['trained_on']} was measured (a server the model sees exactly "
+            "like it takes its measurements at its own $/h: 'same class'). Other servers' "
+            "training time and $ are the cost model's estimates for the same work (student "
             f"{cm.get('work_student') or 'unknown'}), with their 90% interval in brackets and "
             "the model's history in the last column; "
             + ("the daemon's learned efficiencies include this run's measured phases."
@@ -629,28 +630,21 @@ def headline(run: RunInfo, comparison: dict[str, Any]) -> dict[str, Any]:
 
 ESTIMATED_VS_MEASURED: dict[str, list[str]] = {
     "measured": [
-        "the run's own server: every phase's wall time and $ (each stage's `cost`: "
-        "measured_s, measured_usd, API $ included), the training loop (train.train_time_s), "
-        "student accuracy before and after training on the held-out test set (evaluate), "
-        "serving latency (deploy probe: p50/p95, TTFT, TPOT; n/a when every request failed), "
-        "teacher probe accuracy",
-        "every server's network latency (offer.latency_ms, measured by its agent): the "
-        "latency term of the score, the same L the selectors use",
+        "the run's own server: each phase's wall time and $ (its stage's `cost`, API $ "
+        "included), the training loop (train_time_s), student accuracy before and after "
+        "training (evaluate), serving latency (deploy probe: p50/p95, TTFT, TPOT; n/a when "
+        "every request failed), teacher probe accuracy",
+        "every server's network latency (offer.latency_ms, by its agent): the score's latency",
     ],
     "estimated": [
-        "each phase before it ran, on the run's server: the cost model's estimate (work ÷ "
-        "speed x learned efficiency + start-up), with its 90% interval and source (prior, or "
-        "calibrated from N past runs); the Cost model section sets it against the measurement",
-        "baseline servers: training time (the training-loop estimate) and the whole job's $ "
-        "from the same cost model, for the work this run did; a server the model sees exactly "
-        "like the run's takes the run's measurements at its own $/h ('same class'); without "
-        "the daemon's learned efficiencies the estimates are priors, and the report says so",
-        "baseline servers: accuracy is not estimated; the same student on the same data "
-        "reaches the same accuracy wherever it fits, so accuracy does not separate servers; a "
-        "server where select_student's memory estimate does not fit is infeasible",
-        "serving latency on servers other than the run's: not estimated (the cost model has "
-        "none), so it does not enter the cross-server score",
-        "the selector's own plan (Pareto plot): job $ and hours are the cost model's "
-        "estimates at server selection, not measurements",
+        "each phase, before it ran: the cost model's estimate with its 90% interval and source "
+        "(prior, or calibrated from N past runs), set against the measurement above",
+        "other servers: training time and the whole job's $ from the same cost model for the "
+        "work this run did (API $ as measured); a server the model sees exactly like the run's "
+        "takes the run's measurements at its own $/h ('same class')",
+        "not estimated: accuracy elsewhere (the same student on the same data reaches the same "
+        "accuracy wherever it fits; where it does not fit the server is infeasible) and serving "
+        "latency elsewhere (the cost model has none: it stays out of the cross-server score)",
+        "the Pareto plot: the cost model's estimates at server selection",
     ],
 }

@@ -44,7 +44,6 @@ pick from the same offers under the same constraints, every selector run with th
 
 When every selector picks the same server, or the picks are equal on every metric, there is
 nothing to compare: `improvement_pct` is None and `agreement` says so in a sentence.
-Only NumPy, msgspec and the cost model are imported here; selector plugins inside functions.
 """
 
 from __future__ import annotations

@@ -376,7 +376,7 @@ async def report(ctx: StageRun) -> dict[str, Any]:
 
     svc = services(ctx)
     out_dir = svc.config.home_path / "reports" / ctx.run_id
-    return await asyncio.to_thread(write_report, ctx.run, svc.plugins, out_dir)
+    return await asyncio.to_thread(write_report, ctx.run, svc.plugins, out_dir, svc.costs)
 
 
 STAGE_FUNCS: dict[str, StageFn] = {

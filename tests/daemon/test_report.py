@@ -62,12 +62,13 @@ def make_spec(**over: Any) -> RunSpec:
     return msgspec.convert(spec, RunSpec)
 
 
-def stage_cost(est: JobEstimate, phase: str, price: float, api_usd: float = 0.0) -> dict[str, Any]:
-    """A stage's `cost` as the daemon stores it: the phase's estimate and a measurement."""
-    p = next(x for x in est.phases if x.phase == phase)
-    secs = p.seconds.value * MEASURED_RATIO[phase]
-    return to_builtins(StageCost(phase=phase, server=est.server, estimated_s=p.seconds,
-                                 measured_s=round(secs, 3), estimated_usd=p.usd, key=p.key,
+def stage_cost(est: JobEstimate, price: float, api_usd: float = 0.0) -> dict[str, Any]:
+    """A stage's `cost` as the daemon stores it: the phase's estimate (made before it ran,
+    API $ included) and a measurement of MEASURED_RATIO x the estimate."""
+    p = est.phases[0]
+    secs = p.seconds.value * MEASURED_RATIO[p.phase]
+    return to_builtins(StageCost(phase=p.phase, server=est.server, estimated_s=p.seconds,
+                                 measured_s=round(secs, 3), estimated_usd=est.usd, key=p.key,
                                  measured_usd=round(secs / 3600 * price + api_usd, 6)))
 
 
@@ -126,14 +127,14 @@ def full_results(plugins: Plugins, spec: RunSpec, offers: list[ServerOffer] = OF
                    "deployer": "builtin"},
     }
     # what the stages store once they ran: the work as done (chosen student, rows kept)
-    done = CostModel(plugins).costing(spec, make_run(spec, results))
-    est = done.estimate(chosen)
-    loop = model.loop_estimate(done.work, chosen, spec.est_train_hours)
+    run = make_run(spec, results)
+    loop = model.loop_estimate(model.work(spec, run), chosen, spec.est_train_hours)
     results["train"].update(train_time_s=round(loop.value * TRAIN_LOOP_RATIO, 3),
                             train_time_estimate=to_builtins(loop))
     for stage, phase in STAGE_PHASE.items():
+        est = model.costing(spec, run, phases=(phase,)).estimate(chosen)
         api = 0.42 if phase == "synthesis" else 0.0
-        results[stage]["cost"] = stage_cost(est, phase, chosen.price_usd_per_hour, api)
+        results[stage]["cost"] = stage_cost(est, chosen.price_usd_per_hour, api)
     return results
 
 
