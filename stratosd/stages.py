@@ -68,13 +68,18 @@ async def select(ctx: StageRun, offers: list[ServerOffer]) -> Any:
     return await asyncio.to_thread(pick)
 
 
+def offer_of(run: RunInfo, fleet: Fleet) -> ServerOffer:
+    """The server a run is on now (its agent's live offer, else the one selected)."""
+    selected = run.results["select_server"]
+    agent = run.progress.get("agent_id") or selected.get("agent_id")
+    if agent and agent in fleet.agents:
+        return fleet.offer(str(agent))
+    return msgspec.convert(selected["selection"]["chosen"], ServerOffer)
+
+
 def run_offer(ctx: StageRun) -> ServerOffer:
-    """The server the run is on now (its agent's live offer, else the one selected)."""
-    svc = services(ctx)
-    agent = ctx.run.progress.get("agent_id") or ctx.result("select_server").get("agent_id")
-    if agent and agent in svc.fleet.agents:
-        return svc.fleet.offer(str(agent))
-    return msgspec.convert(ctx.result("select_server")["selection"]["chosen"], ServerOffer)
+    """The server the run is on now."""
+    return offer_of(ctx.run, services(ctx).fleet)
 
 
 async def agent_for(ctx: StageRun) -> str:
@@ -245,10 +250,7 @@ async def budget_check(run: RunInfo, stage: str, svc: Services) -> BudgetVerdict
     budget = run.spec.constraints.budget_usd
     if budget is None or stage not in STAGE_PHASE or "select_server" not in run.results:
         return None
-    agent = run.progress.get("agent_id") or run.results["select_server"].get("agent_id")
-    offer = svc.fleet.offer(str(agent)) if agent in svc.fleet.agents else msgspec.convert(
-        run.results["select_server"]["selection"]["chosen"], ServerOffer)
-    rest = await asyncio.to_thread(svc.costs.remaining, run, stage, offer)
+    rest = await asyncio.to_thread(svc.costs.remaining, run, stage, offer_of(run, svc.fleet))
     spent = svc.costs.spent_usd(run)
     if rest is None or spent + rest.value <= budget:
         return None

@@ -98,6 +98,14 @@ async def agent(nats_url: str, tmp_path: Path, daemon: Any) -> AsyncIterator[Any
         await asyncio.wait_for(task, 30)
 
 
+async def wait_latency_known(daemon: Any, agent_id: str, timeout: float = 15) -> None:
+    """Wait until the daemon sees agent_id up with a measured user-facing latency."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (daemon.fleet.is_up(agent_id) and daemon.fleet.offer(agent_id).latency_known):
+        assert asyncio.get_running_loop().time() < deadline, f"{agent_id}: no latency measured"
+        await asyncio.sleep(0.1)
+
+
 @pytest.fixture
 def users_url() -> Iterator[str]:
     """A loopback HTTP server standing in for the users' region (agents' --probe-url)."""

@@ -49,16 +49,12 @@ def test_plan_infeasible_names_the_constraint(tmp_path: Path) -> None:
 
 async def test_plan_uses_what_submit_would_and_catalog_on_request(
         daemon: Any, nats_url: str, tmp_path: Path, users_url: str) -> None:
-    from tests.conftest import start_agent
+    from tests.conftest import start_agent, wait_latency_known
 
     a, task = await start_agent(nats_url, tmp_path, "gpu-1", price=2.0, calibrate=False,
                                 probe_url=[f"users={users_url}"])
     try:
-        deadline = asyncio.get_running_loop().time() + 15
-        while not (daemon.fleet.is_up("gpu-1")
-                   and daemon.fleet.offer("gpu-1").latency_known):
-            assert asyncio.get_running_loop().time() < deadline, "agent never measured latency"
-            await asyncio.sleep(0.1)
+        await wait_latency_known(daemon, "gpu-1")
         r = await asyncio.to_thread(_ctl, "--nats", nats_url, "plan", JOB, "--json")
         assert r.returncode == 0, r.stderr
         data = json.loads(r.stdout)

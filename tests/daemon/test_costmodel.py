@@ -228,15 +228,12 @@ async def test_submit_refuses_a_job_whose_estimate_breaks_the_budget(
         daemon: Any, nats_url: str, tmp_path: Path, users_url: str) -> None:
     import asyncio
 
-    from tests.conftest import start_agent
+    from tests.conftest import start_agent, wait_latency_known
 
     a, task = await start_agent(nats_url, tmp_path, "cpu-1", price=0.4, calibrate=False,
                                 probe_url=[f"users={users_url}"])
     try:
-        deadline = asyncio.get_running_loop().time() + 15
-        while not (daemon.fleet.is_up("cpu-1") and daemon.fleet.offer("cpu-1").latency_known):
-            assert asyncio.get_running_loop().time() < deadline, "no latency measured"
-            await asyncio.sleep(0.1)
+        await wait_latency_known(daemon, "cpu-1")
         data = msgspec.to_builtins(spec(constraints={"budget_usd": 0.0001,
                                                      "max_latency_ms": 500}))
         body = json.dumps({"type": "submit_run", "spec": data}).encode()
