@@ -126,7 +126,9 @@ async def test_api_key_never_reaches_a_log_or_the_bus(
                     task={"name": "jsonl-qa", "params": {"path": str(data)}, "probe_size": 3},
                     teachers=[{"backend": "openai", "model": "gpt-test",
                                "params": {"base_url": teacher.url, "max_retries": 0,
-                                          "api_key_env": "STRATOS_TEST_TEACHER_KEY"}}],
+                                          "api_key_env": "STRATOS_TEST_TEACHER_KEY",
+                                          "price_in_per_mtok": 1.0,
+                                          "price_out_per_mtok": 2.0}}],
                     students=[{"model": "config:tiny"}], deploy=False)
                 reply = await op.request(subjects.daemon_cmd("submit"), SubmitRun(spec=spec))
                 assert isinstance(reply, Accepted)
