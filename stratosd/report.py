@@ -5,14 +5,16 @@ stored in `run.results` (see `stratosd/stages.py`); any stage may be missing or 
 the report then says what is missing instead of failing. matplotlib is imported inside the
 plot functions only.
 
-The score and the baselines on the same fleet come from `stratosd.score`, their time and $
-from the core cost model (`stratosd.costmodel`): only the run's own server was measured, and
+The score (`stratosd.score`) and the baselines on the same fleet (`stratosd.comparison`), their
+time and $ from the core cost model (`stratosd.costmodel`): only the run's own server was
+measured, and
 every other number says it is an estimate, with the model's interval and history. The
 "Cost model" section sets each phase's estimate (made before it ran) against its measurement.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,159 +23,36 @@ import structlog
 
 from schemas.commands import RunInfo
 from schemas.costs import Estimate
-from schemas.specs import Selection, ServerOffer
+from schemas.stages import (
+    ChooseStrategyResult,
+    DeployResult,
+    EvaluateResult,
+    ProbeTeachersResult,
+    SelectServerResult,
+    SelectStudentResult,
+    SynthesizeResult,
+    TrainResult,
+)
 from stratosd import score as mos
+from stratosd.comparison import (
+    RunCosting,
+    compare_selectors,
+    measured_metrics,
+    run_costing,
+    stage_costs,
+)
 from stratosd.plugins import Plugins
-from stratosd.score import RunCosting, compare_selectors, run_costing, stage_costs, sub_dict
-from stratosd.score import as_offer as _offer
-from stratosd.score import decode as _decode
+from stratosd.report_plots import accuracy_bars, plot_accuracy, plot_loss, plot_pareto
+from stratosd.results import stage_result
 from stratosd.score import finite as _num
-from stratosd.score import stage_result as _res
 
 if TYPE_CHECKING:
     from stratosd.costmodel.costs import CostModel
-    from stratosd.costmodel.model import JobCosting
 
 log = structlog.stdlib.get_logger(__name__)
 
 STAGES = ("select_server", "probe_teachers", "select_student", "choose_strategy",
           "synthesize", "train", "evaluate", "deploy")
-
-
-# --- plots ----------------------------------------------------------------------------------
-
-
-def _figure(w: float = 7.0, h: float = 4.5) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def plot_pareto(run: RunInfo, path: Path, costing: JobCosting | None = None) -> Path | None:
-    """The fleet with the Pareto front and the pick (planning.plot_plan, else a simple scatter);
-    costing: the job's, as the selectors saw it (select_server's stored work)."""
-    sel = _res(run, "select_server")
-    offers = [o for o in (_offer(x) for x in sel.get("offers", []) or []) if o is not None]
-    try:
-        selection = msgspec.convert(sel.get("selection"), Selection)
-    except (msgspec.ValidationError, TypeError):
-        return None
-    offers = offers or [selection.chosen]
-    try:
-        from stratosd.planning import plot_plan
-
-        return Path(plot_plan(offers, selection, path, costing=costing))
-    except Exception:  # noqa: BLE001 - fall back to our own scatter, never lose the report
-        log.warning("plot_plan_failed", run_id=run.run_id, exc_info=True)
-    return plot_servers_simple(offers, selection, path, costing=costing)
-
-
-def plot_servers_simple(
-    offers: list[ServerOffer], selection: Selection, path: Path, *,
-    costing: JobCosting | None = None,
-) -> Path:
-    """Fallback Pareto plot: the cost model's job $ (else $/h) vs latency, pick starred."""
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    front = set(selection.pareto_ids)
-    pts = [*offers, selection.chosen]
-    xs = ([float(x) for x in costing.columns(pts).total_usd] if costing is not None
-          else [o.price_usd_per_hour for o in pts])
-    for o, x in zip(offers, xs, strict=False):
-        ax.scatter([x], [o.latency_ms], c="k" if o.id in front else "0.6", s=30)
-    pick = selection.chosen
-    ax.scatter([xs[-1]], [pick.latency_ms], marker="*", s=250, c="red", label=f"pick: {pick.id}")
-    ax.set_xlabel("estimated job $ (cost model)" if costing is not None else "$/h")
-    ax.set_ylabel("latency, ms")
-    ax.set_title("Servers (black: Pareto-optimal)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
-
-
-def plot_loss(run: RunInfo, path: Path) -> Path | None:
-    """Training loss per step (loss_history), else first and final loss as two points."""
-    tr = _res(run, "train")
-    hist = [(float(p[0]), float(p[1])) for p in tr.get("loss_history", []) or []
-            if isinstance(p, list | tuple) and len(p) == 2 and _num(p[1]) is not None]
-    first, final, steps = _num(tr.get("first_loss")), _num(tr.get("final_loss")), tr.get("steps")
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    if hist:
-        ax.plot([h[0] for h in hist], [h[1] for h in hist], marker=".", label="training loss")
-        ax.set_title("Training loss (loss_history)")
-    elif first is not None or final is not None:
-        xs, ys, labels = [], [], []
-        if first is not None:
-            xs, ys, labels = [0.0], [first], ["first loss"]
-        if final is not None:
-            xs.append(_num(steps) or 1.0)
-            ys.append(final)
-            labels.append("final loss")
-        ax.plot(xs, ys, "o--", label="first / final loss only (no loss history)")
-        for x, y, lab in zip(xs, ys, labels, strict=True):
-            ax.annotate(f"{lab} {y:.3f}", (x, y), xytext=(5, 5), textcoords="offset points")
-        ax.set_title("Training loss: first and final only")
-    else:
-        return None
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
-
-
-def accuracy_bars(run: RunInfo) -> list[dict[str, Any]]:
-    """(label, accuracy, 95% CI) of the teacher's probe and the student before/after."""
-    from plugins.models.evaluate import wilson_interval
-
-    bars = []
-    best = _res(run, "probe_teachers").get("best")
-    for s in _res(run, "probe_teachers").get("scores", []) or []:
-        if isinstance(s, dict) and s.get("name") == best and _num(s.get("accuracy")) is not None:
-            lo, hi = wilson_interval(int(s.get("correct", 0)), int(s.get("n", 0)))
-            bars.append({"label": f"teacher {best} (probe)", "accuracy": float(s["accuracy"]),
-                         "ci_low": lo, "ci_high": hi, "n": s.get("n")})
-    ev = _res(run, "evaluate")
-    for key in ("before", "after"):
-        r = sub_dict(ev, key)
-        acc = _num(r.get("accuracy"))
-        if acc is not None:
-            bars.append({"label": f"student {key} training", "accuracy": acc,
-                         "ci_low": _num(r.get("ci_low")) if _num(r.get("ci_low")) is not None
-                         else acc,
-                         "ci_high": _num(r.get("ci_high")) if _num(r.get("ci_high")) is not None
-                         else acc, "n": r.get("n")})
-    return bars
-
-
-def plot_accuracy(run: RunInfo, path: Path) -> Path | None:
-    """Bars: teacher probe vs student before/after, with 95% CI error bars."""
-    bars = accuracy_bars(run)
-    if not bars:
-        return None
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    acc = [b["accuracy"] for b in bars]
-    err = [[max(a - b["ci_low"], 0.0) for a, b in zip(acc, bars, strict=True)],
-           [max(b["ci_high"] - a, 0.0) for a, b in zip(acc, bars, strict=True)]]
-    colors = ["tab:orange" if b["label"].startswith("teacher") else "tab:blue" for b in bars]
-    ax.bar(range(len(bars)), acc, yerr=err, capsize=6, color=colors)
-    ax.set_xticks(range(len(bars)), [f"{b['label']}\n(n={b['n']})" for b in bars], fontsize=8)
-    for i, a in enumerate(acc):
-        ax.annotate(f"{a:.1%}", (i, a), xytext=(0, 4), textcoords="offset points", ha="center")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy (95% CI)")
-    ax.set_title("Teacher probe vs student, held-out test set")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
 
 
 # --- Markdown -------------------------------------------------------------------------------
@@ -202,20 +81,19 @@ def _missing(stage: str) -> list[str]:
 
 def _md_server(run: RunInfo, plots: dict[str, Any]) -> list[str]:
     out = ["## Server", ""]
-    sel = _res(run, "select_server")
-    selection = sub_dict(sel, "selection")
-    chosen = sub_dict(selection, "chosen")
-    if not chosen:
+    sel = stage_result(run, SelectServerResult)
+    if sel is None:
         return out + _missing("select_server")
-    gpu = (f"{chosen.get('gpu_count')}x {chosen.get('gpu_model')}" if chosen.get("gpu_count")
-           else f"CPU only, {chosen.get('cpu_count')} cores")
-    out += [f"Chosen server: **{chosen.get('id')}** (agent `{sel.get('agent_id')}`), {gpu}, "
-            f"${_f(chosen.get('price_usd_per_hour'), '{:.2f}')}/h, network latency "
-            f"{_f(chosen.get('latency_ms'), '{:.0f}')} ms, region {chosen.get('region') or '?'}; "
-            f"selector `{selection.get('selector')}`, {len(selection.get('pareto_ids') or [])} "
-            f"Pareto-optimal of {selection.get('candidates')} servers.", "",
+    selection, chosen = sel.selection, sel.selection.chosen
+    gpu = (f"{chosen.gpu_count}x {chosen.gpu_model}" if chosen.gpu_count
+           else f"CPU only, {chosen.cpu_count} cores")
+    latency = (f"{chosen.latency_ms:.0f} ms" if chosen.latency_known else "not measured")
+    out += [f"Chosen server: **{chosen.id}** (agent `{sel.agent_id}`), {gpu}, "
+            f"${chosen.price_usd_per_hour:.2f}/h, network latency {latency}, region "
+            f"{chosen.region or '?'}; selector `{selection.selector}`, "
+            f"{len(selection.pareto_ids)} Pareto-optimal of {selection.candidates} servers.", "",
             "Why (the selector's explanation):", "", "```",
-            str(selection.get("explanation") or "(none)"), "```", ""]
+            selection.explanation or "(none)", "```", ""]
     if plots.get("plot_pareto"):
         out += ["![Pareto front and pick](pareto.png)", ""]
     return out
@@ -223,67 +101,62 @@ def _md_server(run: RunInfo, plots: dict[str, Any]) -> list[str]:
 
 def _md_teacher(run: RunInfo) -> list[str]:
     out = ["## Teacher", ""]
-    probe = _res(run, "probe_teachers")
-    scores = [s for s in probe.get("scores", []) or [] if isinstance(s, dict)]
-    if not scores:
+    probe = stage_result(run, ProbeTeachersResult)
+    if probe is None or not probe.scores:
         return out + _missing("probe_teachers")
-    out += [f"Best teacher on the probe: **{probe.get('best')}** (highest probe accuracy).", ""]
+    out += [f"Best teacher on the probe: **{probe.best}** (highest probe accuracy).", ""]
     out += _table(["teacher", "backend", "model", "probe accuracy", "correct/n", "cost $",
                    "latency ms", "error"],
-                  [[s.get("name"), s.get("backend"), s.get("model"), _pct(s.get("accuracy")),
-                    f"{s.get('correct')}/{s.get('n')}", _f(s.get("cost_usd"), "{:.4f}"),
-                    _f(s.get("latency_ms_mean"), "{:.0f}"), s.get("error") or ""]
-                   for s in scores])
+                  [[s.name, s.backend, s.model, _pct(s.accuracy), f"{s.correct}/{s.n}",
+                    _f(s.cost_usd, "{:.4f}"), _f(s.latency_ms_mean, "{:.0f}"), s.error or ""]
+                   for s in probe.scores])
     return out
 
 
 def _md_student(run: RunInfo) -> list[str]:
     out = ["## Student", ""]
-    stu = _res(run, "select_student")
-    if not stu:
+    stu = stage_result(run, SelectStudentResult)
+    if stu is None:
         return out + _missing("select_student")
-    out += [f"Chosen student: **{stu.get('chosen')}**. Why: {stu.get('reason') or 'n/a'}", ""]
-    cands = [c for c in stu.get("candidates", []) or [] if isinstance(c, dict)]
+    out += [f"Chosen student: **{stu.chosen}**. Why: {stu.reason or 'n/a'}", ""]
     out += _table(["student", "params (M)", "train MiB (est.)", "serve MiB (est.)", "fits",
                    "pre-screen acc.", "probe loss drop", "kept", "reason"],
-                  [[c.get("model"), _f(c.get("params_m"), "{:.4g}"),
-                    _f(c.get("est_train_mem_mib"), "{:.0f}"),
-                    _f(c.get("est_serve_mem_mib"), "{:.0f}"), c.get("fits"),
-                    _pct(c.get("prescreen_accuracy")), _f(c.get("probe_loss_drop")),
-                    c.get("kept"), c.get("reason", "")] for c in cands])
+                  [[c.model, _f(c.params_m, "{:.4g}"), _f(c.est_train_mem_mib, "{:.0f}"),
+                    _f(c.est_serve_mem_mib, "{:.0f}"), c.fits, _pct(c.prescreen_accuracy),
+                    _f(c.probe_loss_drop), c.kept, c.reason] for c in stu.candidates])
     return out
 
 
 def _md_strategy(run: RunInfo) -> list[str]:
     out = ["## Strategy", ""]
-    st, syn = _res(run, "choose_strategy"), _res(run, "synthesize")
-    if not st:
+    st = stage_result(run, ChooseStrategyResult)
+    syn = stage_result(run, SynthesizeResult)
+    if st is None:
         out += _missing("choose_strategy")
     else:
-        out += [f"Mode **{st.get('mode')}** with teacher {st.get('teacher')} (probe accuracy "
-                f"{_pct(st.get('teacher_accuracy'))}, threshold {_pct(st.get('threshold'))}). "
-                f"Why: {st.get('reason')}.", ""]
-    if not syn:
+        out += [f"Mode **{st.mode}** with teacher {st.teacher} (probe accuracy "
+                f"{_pct(st.teacher_accuracy)}, threshold {_pct(st.threshold)}). "
+                f"Why: {st.reason}.", ""]
+    if syn is None:
         return out + _missing("synthesize")
-    return out + [f"Synthesis: {syn.get('rows')} rows written, {syn.get('kept')} kept, "
-                  f"{syn.get('dropped')} dropped; by mode {syn.get('by_mode')}, by teacher "
-                  f"{syn.get('by_teacher')}; verified {syn.get('verified')}; "
-                  f"{_f(syn.get('rows_per_s'))} rows/s; "
-                  f"cost ${_f(syn.get('cost_usd'), '{:.4f}')}.",
-                  ""]
+    return out + [f"Synthesis: {syn.rows} rows written, {syn.kept} kept, {syn.dropped} "
+                  f"dropped; by mode {syn.by_mode}, by teacher {syn.by_teacher}; verified "
+                  f"{syn.verified}; cost ${_f(syn.cost_usd, '{:.4f}')}.", ""]
 
 
 def _md_training(run: RunInfo, plots: dict[str, Any]) -> list[str]:
     out = ["## Training", ""]
-    tr = _res(run, "train")
-    if not tr:
+    tr = stage_result(run, TrainResult)
+    if tr is None:
         return out + _missing("train")
-    out += [f"Trainer `{tr.get('trainer')}`: {tr.get('steps')} steps, loss "
-            f"{_f(tr.get('first_loss'), '{:.4f}')} → {_f(tr.get('final_loss'), '{:.4f}')}; "
-            f"training time {_f(tr.get('train_time_s'), '{:.1f}')} s, "
-            f"{_f(tr.get('tokens_per_s'), '{:.0f}')} tokens/s over {tr.get('train_tokens')} "
-            f"tokens, peak RSS {_f(tr.get('peak_rss_mib'), '{:.0f}')} MiB"
-            f"{'; resumed from a checkpoint' if tr.get('resumed') else ''}.", ""]
+    out += [f"Trainer `{tr.trainer}`: {tr.steps} steps, loss "
+            f"{_f(tr.first_loss, '{:.4f}')} → {_f(tr.final_loss, '{:.4f}')}; "
+            f"training time {_f(tr.train_time_s, '{:.1f}')} s, "
+            f"{_f(tr.tokens_per_s, '{:.0f}')} tokens/s over {tr.train_tokens} "
+            f"tokens, peak RSS {_f(tr.peak_rss_mib, '{:.0f}')} MiB"
+            f"{'; resumed from a checkpoint' if tr.resumed else ''}.", ""]
+    if tr.degradations:
+        out += ["Degraded to fit memory: " + "; ".join(tr.degradations) + ".", ""]
     if plots.get("plot_loss"):
         out += ["![Training loss](loss.png)", ""]
     return out
@@ -291,25 +164,21 @@ def _md_training(run: RunInfo, plots: dict[str, Any]) -> list[str]:
 
 def _md_accuracy(run: RunInfo, plots: dict[str, Any]) -> list[str]:
     out = ["## Accuracy and latency", ""]
-    ev = _res(run, "evaluate")
-    if not ev:
+    ev = stage_result(run, EvaluateResult)
+    if ev is None:
         out += _missing("evaluate")
     else:
-        b = sub_dict(ev, "before")
-        a = sub_dict(ev, "after")
-        t = _num(ev.get("teacher_probe_accuracy"))
-        ratio = (f" ({a['accuracy'] / t:.2f}× the teacher)"
-                 if t and _num(a.get("accuracy")) is not None else "")
-        out += [f"Student accuracy on the held-out test set: {_pct(b.get('accuracy'))} "
-                f"[95% CI {_pct(b.get('ci_low'))}–{_pct(b.get('ci_high'))}, n={b.get('n')}] → "
-                f"**{_pct(a.get('accuracy'))}** [95% CI {_pct(a.get('ci_low'))}–"
-                f"{_pct(a.get('ci_high'))}, n={a.get('n')}] after training; teacher probe "
-                f"accuracy {_pct(t)}{ratio}.", ""]
+        b, a = ev.before, ev.after
+        t = _num(ev.teacher_probe_accuracy)
+        ratio = f" ({a.accuracy / t:.2f}× the teacher)" if t else ""
+        out += [f"Student accuracy on the held-out test set: {_pct(b.accuracy)} "
+                f"[95% CI {_pct(b.ci_low)}–{_pct(b.ci_high)}, n={b.n}] → "
+                f"**{_pct(a.accuracy)}** [95% CI {_pct(a.ci_low)}–{_pct(a.ci_high)}, n={a.n}] "
+                f"after training; teacher probe accuracy {_pct(t)}{ratio}.", ""]
         out += _table(["", "accuracy", "partial", "latency ms mean", "latency ms p95",
                        "tokens/s"],
-                      [[k, _pct(r.get("accuracy")), _f(r.get("partial")),
-                        _f(r.get("latency_ms_mean"), "{:.1f}"),
-                        _f(r.get("latency_ms_p95"), "{:.1f}"), _f(r.get("tokens_per_s"), "{:.1f}")]
+                      [[k, _pct(r.accuracy), _f(r.partial), _f(r.latency_ms_mean, "{:.1f}"),
+                        _f(r.latency_ms_p95, "{:.1f}"), _f(r.tokens_per_s, "{:.1f}")]
                        for k, r in (("before", b), ("after", a))])
     if plots.get("plot_accuracy"):
         out += ["![Accuracy](accuracy.png)", ""]
@@ -318,20 +187,17 @@ def _md_accuracy(run: RunInfo, plots: dict[str, Any]) -> list[str]:
 
 def _md_endpoint(run: RunInfo) -> list[str]:
     out = ["## Endpoint", ""]
-    dep = _res(run, "deploy")
-    if not dep:
+    dep = stage_result(run, DeployResult)
+    if dep is None:
         return out + _missing("deploy")
-    if dep.get("skipped"):
-        return out + [f"Deployment skipped{': ' + dep['reason'] if dep.get('reason') else ''}.",
-                      ""]
-    m = sub_dict(dep, "metrics")
-    out += [f"URL: **{dep.get('url')}** (endpoint `{dep.get('endpoint_id')}`, model "
-            f"`{dep.get('model')}`, deployer `{dep.get('deployer')}`, agent "
-            f"`{dep.get('agent_id')}`).", ""]
-    return out + [f"Measured serving: {serving_latency(m)}.", ""]
+    if dep.skipped:
+        return out + [f"Deployment skipped{': ' + dep.reason if dep.reason else ''}.", ""]
+    out += [f"URL: **{dep.url}** (endpoint `{dep.endpoint_id}`, model `{dep.model}`, "
+            f"deployer `{dep.deployer}`, agent `{dep.agent_id}`).", ""]
+    return out + [f"Measured serving: {serving_latency(dep.metrics)}.", ""]
 
 
-def serving_latency(m: dict[str, Any]) -> str:
+def serving_latency(m: Mapping[str, Any]) -> str:
     """The deploy probe's latency in words; missing numbers are n/a, never 0."""
     requests, errors = _num(m.get("requests")), _num(m.get("errors"))
     counts = (f"{errors:.0f} failed of {requests:.0f} probe requests"
@@ -352,7 +218,7 @@ def serving_latency(m: dict[str, Any]) -> str:
 
 def _est_cell(value: Any, est: Any, fmt: str, measured: bool) -> str:
     """A value, with the estimate's interval when it is an estimate."""
-    e = None if measured else _decode(est, Estimate)
+    e = None if measured or est is None else msgspec.convert(est, Estimate)
     text = _f(value, fmt)
     if e is None or _num(value) is None:
         return text
@@ -427,8 +293,9 @@ def _md_score(comparison: dict[str, Any]) -> list[str]:
 def _md_costmodel(run: RunInfo, summary: dict[str, Any]) -> list[str]:
     out = ["## Cost model: estimated vs measured", ""]
     costs = stage_costs(run)
-    tr = _res(run, "train")
-    loop = _decode(tr.get("train_time_estimate"), Estimate)
+    tr = stage_result(run, TrainResult)
+    loop = None if tr is None else tr.train_time_estimate
+    train_s = None if tr is None else tr.train_time_s
     if not costs and loop is None:
         out += ["_No stage stored a cost (estimate vs measurement)._", ""]
     else:
@@ -437,22 +304,22 @@ def _md_costmodel(run: RunInfo, summary: dict[str, Any]) -> list[str]:
                 "measured / estimated − 1.", ""]
         rows = []
         for phase, c in costs.items():
-            est = _decode(c.get("estimated_s"), Estimate)
-            usd = _decode(c.get("estimated_usd"), Estimate)
-            rows.append([phase, c.get("server") or "?",
-                         est.describe() if est else "n/a", _f(c.get("measured_s"), "{:.1f}"),
-                         _err(c.get("measured_s"), est), usd.describe("{:.4f}") if usd else "n/a",
-                         _f(c.get("measured_usd"), "{:.4f}")])
-        if loop is not None or _num(tr.get("train_time_s")) is not None:
+            est, usd = c.estimated_s, c.estimated_usd
+            rows.append([phase, c.server or "?",
+                         est.describe() if est else "n/a", _f(c.measured_s, "{:.1f}"),
+                         _err(c.measured_s, est), usd.describe("{:.4f}") if usd else "n/a",
+                         _f(c.measured_usd, "{:.4f}")])
+        if loop is not None or _num(train_s) is not None:
+            train_cost = costs.get("train")
             rows.append(["training loop (train_time_s)",
-                         (costs.get("train") or {}).get("server") or "",
-                         loop.describe() if loop else "n/a",
-                         _f(tr.get("train_time_s"), "{:.1f}"),
-                         _err(tr.get("train_time_s"), loop), "—", "—"])
+                         train_cost.server if train_cost is not None else "",
+                         loop.describe() if loop else "n/a", _f(train_s, "{:.1f}"),
+                         _err(train_s, loop), "—", "—"])
         out += _table(["phase", "server", "estimated s", "measured s", "error",
                        "estimated $", "measured $"], rows)
     total, budget = summary.get("cost_usd"), run.spec.constraints.budget_usd
-    job = _decode(sub_dict(_res(run, "select_server"), "estimate").get("usd"), Estimate)
+    sel = stage_result(run, SelectServerResult)
+    job = None if sel is None or sel.estimate is None else sel.estimate.usd
     out += [f"Total $ (measured): **{_f(total, '${:.4f}')}** "
             + (f"of budget ${budget:.2f} ({total / budget:.0%})" if budget and total is not None
                else f"(budget ${budget:.2f})" if budget is not None else "(no budget set)")
@@ -520,7 +387,7 @@ def write_report(run: RunInfo, plugins: Plugins, out_dir: Path,
     estimates are the model's priors, and the report says so."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    missing = [s for s in STAGES if not _res(run, s)]
+    missing = [s for s in STAGES if s not in run.results]
     rc: RunCosting | None = None
     try:
         rc = run_costing(run, plugins, costs)
@@ -588,38 +455,38 @@ def quality_target(target: float, accuracy: float | None) -> tuple[str, bool | N
 
 def headline(run: RunInfo, comparison: dict[str, Any]) -> dict[str, Any]:
     """The few numbers worth keeping in the run's KV entry."""
-    ev = _res(run, "evaluate")
-    before = sub_dict(ev, "before")
-    after = sub_dict(ev, "after")
-    chosen = sub_dict(sub_dict(_res(run, "select_server"), "selection"), "chosen")
-    teacher_acc = _num(ev.get("teacher_probe_accuracy"))
-    if teacher_acc is None:
-        teacher_acc = _num(_res(run, "choose_strategy").get("teacher_accuracy"))
-    if teacher_acc is None:
-        probe = _res(run, "probe_teachers")
-        teacher_acc = next((_num(t.get("accuracy")) for t in probe.get("scores", []) or []
-                            if isinstance(t, dict) and t.get("name") == probe.get("best")), None)
-    measured = comparison.get("measured") or mos.measured_metrics(run)
+    ev = stage_result(run, EvaluateResult)
+    sel = stage_result(run, SelectServerResult)
+    st = stage_result(run, ChooseStrategyResult)
+    probe = stage_result(run, ProbeTeachersResult)
+    dep = stage_result(run, DeployResult)
+    tr = stage_result(run, TrainResult)
+    stu = stage_result(run, SelectStudentResult)
+    teacher_acc = None if ev is None else _num(ev.teacher_probe_accuracy)
+    if teacher_acc is None and st is not None:
+        teacher_acc = _num(st.teacher_accuracy)
+    if teacher_acc is None and probe is not None:
+        teacher_acc = next((t.accuracy for t in probe.scores if t.name == probe.best), None)
+    measured = comparison.get("measured") or measured_metrics(run)
     target = run.spec.constraints.target_accuracy
-    acc_after = _num(after.get("accuracy"))
+    acc_after = None if ev is None else _num(ev.after.accuracy)
     words, met = quality_target(target, acc_after)
     return {
         "target_accuracy": target,
         "target": words,
         "target_met": met,
-        "server": chosen.get("id"),
-        "teacher": _res(run, "choose_strategy").get("teacher")
-        or _res(run, "probe_teachers").get("best"),
-        "student": _res(run, "select_student").get("chosen"),
-        "mode": _res(run, "choose_strategy").get("mode"),
-        "accuracy_before": _num(before.get("accuracy")),
+        "server": None if sel is None else sel.selection.chosen.id,
+        "teacher": st.teacher if st is not None else probe.best if probe is not None else None,
+        "student": None if stu is None else stu.chosen,
+        "mode": None if st is None else st.mode,
+        "accuracy_before": None if ev is None else _num(ev.before.accuracy),
         "accuracy_after": acc_after,
         "teacher_accuracy": teacher_acc,
-        "train_time_s": _num(_res(run, "train").get("train_time_s")),
+        "train_time_s": None if tr is None else _num(tr.train_time_s),
         "cost_usd": measured.get("total_usd"),
         "budget_usd": run.spec.constraints.budget_usd,
-        "latency_ms": _num(sub_dict(_res(run, "deploy"), "metrics").get("latency_ms_p50")),
-        "url": _res(run, "deploy").get("url"),
+        "latency_ms": None if dep is None else _num(dep.metrics.get("latency_ms_p50")),
+        "url": None if dep is None or dep.skipped else dep.url,
         "score": comparison.get("stratos_score"),
         "best_baseline": comparison.get("best_baseline"),
         "best_baseline_score": comparison.get("best_baseline_score"),

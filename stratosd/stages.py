@@ -6,14 +6,23 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import structlog
 
 from schemas import subjects
 from schemas.base import to_builtins
 from schemas.commands import RunInfo, RunStep
 from schemas.events import RunProgress
-from schemas.specs import ServerOffer, TeacherScore
+from schemas.specs import ServerOffer
+from schemas.stages import (
+    ChooseStrategyResult,
+    DeployResult,
+    ProbeTeachersResult,
+    ReportResult,
+    SelectServerResult,
+    SelectStudentResult,
+    SynthesizeResult,
+    TrainResult,
+)
 from stratosd.bus import Bus
 from stratosd.config import DaemonConfig
 from stratosd.costmodel.costs import STAGE_PHASE, CostModel
@@ -22,6 +31,7 @@ from stratosd.errors import AgentUnavailable, ConfigError, Infeasible, RemoteErr
 from stratosd.fleet import Fleet
 from stratosd.pipeline import BudgetVerdict, StageFn, StageRun
 from stratosd.plugins import Plugins
+from stratosd.results import checked, stage_result
 
 log = structlog.stdlib.get_logger(__name__)
 _STAGE_PARAM_KEYS = ("synthesis", "prescreen", "evaluate", "deploy")
@@ -70,11 +80,14 @@ async def select(ctx: StageRun, offers: list[ServerOffer]) -> Any:
 
 def offer_of(run: RunInfo, fleet: Fleet) -> ServerOffer:
     """The server a run is on now (its agent's live offer, else the one selected)."""
-    selected = run.results["select_server"]
-    agent = run.progress.get("agent_id") or selected.get("agent_id")
+    selected = stage_result(run, SelectServerResult)
+    if selected is None:
+        raise ConfigError(f"run {run.run_id} has no server yet",
+                          hint="the select_server stage runs first")
+    agent = run.progress.get("agent_id") or selected.agent_id
     if agent and agent in fleet.agents:
         return fleet.offer(str(agent))
-    return msgspec.convert(selected["selection"]["chosen"], ServerOffer)
+    return selected.selection.chosen
 
 
 def run_offer(ctx: StageRun) -> ServerOffer:
@@ -85,7 +98,8 @@ def run_offer(ctx: StageRun) -> ServerOffer:
 async def agent_for(ctx: StageRun) -> str:
     """The run's agent; if it is down, re-select among the live ones and remember that."""
     svc = services(ctx)
-    current = ctx.run.progress.get("agent_id") or ctx.result("select_server").get("agent_id")
+    selected = stage_result(ctx.run, SelectServerResult)
+    current = ctx.run.progress.get("agent_id") or (selected.agent_id if selected else None)
     if current and await svc.fleet.wait_up(current):
         return str(current)
     excluded = sorted({str(a) for a in [*ctx.run.progress.get("excluded_agents", []), current]
@@ -200,10 +214,9 @@ async def select_server(ctx: StageRun) -> dict[str, Any]:
     costing = await asyncio.to_thread(svc.costs.costing, ctx.spec, ctx.run)
     estimate = costing.estimate(chosen)
     loop = svc.costs.loop_estimate(costing.work, chosen, ctx.spec.est_train_hours)
-    return {"selection": to_builtins(selection), "agent_id": chosen.agent_id,
-            "offers": [to_builtins(o) for o in offers], "work": to_builtins(costing.work),
-            "estimate": to_builtins(estimate), "train_loop_estimate": to_builtins(loop),
-            "queued_s": waited}
+    return checked(ctx.stage, SelectServerResult(
+        selection=selection, agent_id=chosen.agent_id, offers=offers, work=costing.work,
+        estimate=estimate, train_loop_estimate=loop, queued_s=waited))
 
 
 async def costed(ctx: StageRun, result: dict[str, Any], measured_s: float) -> dict[str, Any]:
@@ -215,7 +228,7 @@ async def costed(ctx: StageRun, result: dict[str, Any], measured_s: float) -> di
     if cost is None:
         return result
     await svc.costs.save(svc.bus, [cost.key, cost.key + ".loop"])
-    return {**result, "cost": to_builtins(cost)}
+    return checked(ctx.stage, {**result, "cost": to_builtins(cost)})
 
 
 async def note_estimate(ctx: StageRun) -> None:
@@ -266,16 +279,25 @@ async def probe_teachers(ctx: StageRun) -> dict[str, Any]:
     args = {"task": task_args(ctx), "teachers": to_builtins(ctx.spec.teachers),
             "probe_size": ctx.spec.task.probe_size, "seed": ctx.spec.seed,
             "budget_usd": ctx.spec.constraints.budget_usd}
-    return (await run_job(ctx, "probe", args)).result
+    return checked(ctx.stage, (await run_job(ctx, "probe", args)).result)
+
+
+def _need(ctx: StageRun, cls: type[Any]) -> Any:
+    """An earlier stage's typed result; its absence is a pipeline bug the run reports."""
+    got = stage_result(ctx.run, cls)
+    if got is None:
+        raise ConfigError(f"stage {ctx.stage} needs the result of {cls.STAGE}, which is missing",
+                          hint=f"resume the run from {cls.STAGE}")
+    return got
 
 
 async def select_student(ctx: StageRun) -> dict[str, Any]:
     """Fit and pre-screen the candidate students (on the agent)."""
-    offer = ctx.result("select_server")["selection"]["chosen"]
+    offer = to_builtins(_need(ctx, SelectServerResult).selection.chosen)
     args = {"task": task_args(ctx), "students": to_builtins(ctx.spec.students), "offer": offer,
             "trainer": ctx.spec.trainer, "train": _train_params(ctx), "seed": ctx.spec.seed,
             **stage_params(ctx, "prescreen")}
-    result = (await run_job(ctx, "prescreen", args)).result
+    result = checked(ctx.stage, (await run_job(ctx, "prescreen", args)).result)
     if not result.get("chosen"):
         raise Infeasible(f"no student passed fit and pre-screen: {result.get('reason', '')}",
                          hint="add a student that fits the server, or relax the constraints")
@@ -285,10 +307,8 @@ async def select_student(ctx: StageRun) -> dict[str, Any]:
 async def choose_strategy(ctx: StageRun) -> dict[str, Any]:
     """Alignment or injection (or another mode), from the best teacher's probe accuracy."""
     svc = services(ctx)
-    probe = ctx.result("probe_teachers")
-    scores = [msgspec.convert(s, TeacherScore) for s in probe.get("scores", [])]
-    best_name = probe.get("best")
-    best = next((s for s in scores if s.name == best_name), None)
+    probe: ProbeTeachersResult = _need(ctx, ProbeTeachersResult)
+    best = next((s for s in probe.scores if s.name == probe.best), None)
     if best is None:
         raise Infeasible("no teacher could be probed", hint="check the teachers in the job")
     teacher_spec = next(t for t in ctx.spec.teachers if t.label == best.name)
@@ -300,19 +320,19 @@ async def choose_strategy(ctx: StageRun) -> dict[str, Any]:
         reason = (f"teacher {best.name} probe accuracy {best.accuracy:.1%} {side} threshold "
                   f"{ctx.spec.mode_threshold:.0%}")
     svc.plugins.modes.get(mode)
-    return {"mode": mode, "teacher": best.name, "teacher_spec": to_builtins(teacher_spec),
-            "teacher_accuracy": best.accuracy, "threshold": ctx.spec.mode_threshold,
-            "reason": reason}
+    return checked(ctx.stage, ChooseStrategyResult(
+        mode=mode, teacher=best.name, teacher_spec=teacher_spec, teacher_accuracy=best.accuracy,
+        threshold=ctx.spec.mode_threshold, reason=reason))
 
 
 async def synthesize(ctx: StageRun) -> dict[str, Any]:
     """The teacher writes the training data with the chosen mode (on the agent)."""
-    strategy = ctx.result("choose_strategy")
-    args = {"task": task_args(ctx), "teacher": strategy["teacher_spec"],
-            "mode": strategy["mode"], "use_reference": True, "seed": ctx.spec.seed,
+    strategy: ChooseStrategyResult = _need(ctx, ChooseStrategyResult)
+    args = {"task": task_args(ctx), "teacher": to_builtins(strategy.teacher_spec),
+            "mode": strategy.mode, "use_reference": True, "seed": ctx.spec.seed,
             **stage_params(ctx, "synthesis")}
     out = await run_job(ctx, "synthesize", args)
-    return {**out.result, "artifact": out.artifacts.get("dataset.jsonl", "")}
+    return checked(ctx.stage, {**out.result, "artifact": out.artifacts.get("dataset.jsonl", "")})
 
 
 def _train_params(ctx: StageRun) -> dict[str, Any]:
@@ -322,26 +342,27 @@ def _train_params(ctx: StageRun) -> dict[str, Any]:
 async def train(ctx: StageRun) -> dict[str, Any]:
     """Train the chosen student; a retry resumes from the last uploaded checkpoint."""
     svc = services(ctx)
-    dataset = ctx.result("synthesize").get("artifact")
+    dataset = _need(ctx, SynthesizeResult).artifact
     if not dataset:
         raise ConfigError("the synthesis stage produced no dataset", hint="see its job log")
     inputs = {"dataset": dataset}
     ckpt = f"{ctx.run_id}/train-checkpoint.tar"
     if await svc.bus.has_artifact(ckpt):
         inputs["resume"] = ckpt
-    args = {"model": ctx.result("select_student")["chosen"], "trainer": ctx.spec.trainer,
+    args = {"model": _need(ctx, SelectStudentResult).chosen, "trainer": ctx.spec.trainer,
             "params": _train_params(ctx), "task": task_args(ctx), "seed": ctx.spec.seed}
     work = await asyncio.to_thread(svc.costs.work, ctx.spec, ctx.run)
     loop = svc.costs.loop_estimate(work, run_offer(ctx), ctx.spec.est_train_hours)
     out = await run_job(ctx, "train", args, inputs=inputs)
-    return {**out.result, "artifact": out.artifacts.get("model.tar", ""),
-            "resumed": "resume" in inputs, "train_time_estimate": to_builtins(loop)}
+    return checked(ctx.stage, {**out.result, "artifact": out.artifacts.get("model.tar", ""),
+                               "resumed": "resume" in inputs,
+                               "train_time_estimate": to_builtins(loop)})
 
 
 async def evaluate(ctx: StageRun) -> dict[str, Any]:
     """Held-out accuracy and latency of the student before and after training."""
-    student = ctx.result("select_student")["chosen"]
-    model_key = ctx.result("train").get("artifact", "")
+    student = _need(ctx, SelectStudentResult).chosen
+    model_key = _need(ctx, TrainResult).artifact
     base = {"task": task_args(ctx), "model": student, "split": "test", "seed": ctx.spec.seed,
             **stage_params(ctx, "evaluate")}
     before = await run_job(ctx, "evaluate", base, key="evaluate-before")
@@ -351,25 +372,30 @@ async def evaluate(ctx: StageRun) -> dict[str, Any]:
     accuracy = float(after.result.get("accuracy", 0.0))
     if accuracy < target:
         log.warning("quality_target_missed", accuracy=accuracy, target_accuracy=target)
-    return {"before": before.result, "after": after.result,
-            "teacher_probe_accuracy": ctx.result("choose_strategy").get("teacher_accuracy"),
-            "target_accuracy": target, "target_met": accuracy >= target}
+    strategy = stage_result(ctx.run, ChooseStrategyResult)
+    # stored as the agent wrote it (with every record), validated against EvaluateResult
+    return checked(ctx.stage, {
+        "before": before.result, "after": after.result,
+        "teacher_probe_accuracy": strategy.teacher_accuracy if strategy else None,
+        "target_accuracy": target, "target_met": accuracy >= target})
 
 
 async def deploy(ctx: StageRun) -> dict[str, Any]:
     """Serve the trained student on the run's agent and measure it."""
     if not ctx.spec.deploy:
-        return {"skipped": True}
-    args = {"deployer": ctx.spec.deployer, "model": ctx.result("select_student")["chosen"],
+        return checked(ctx.stage, DeployResult(skipped=True, reason="deploy = false in the job"))
+    args = {"deployer": ctx.spec.deployer, "model": _need(ctx, SelectStudentResult).chosen,
             "served_name": ctx.spec.name, "task": task_args(ctx),  # probe with its prompts
             **stage_params(ctx, "deploy")}
-    model_key = ctx.result("train").get("artifact", "")
+    model_key = _need(ctx, TrainResult).artifact
     out = await run_job(ctx, "deploy", args, inputs={"model": model_key} if model_key else None)
     ep = out.endpoint
     if ep is None:
-        return {"skipped": True, "reason": "the deploy job ended without serving"}
-    return {"endpoint_id": ep.endpoint_id, "url": ep.url, "model": ep.model,
-            "agent_id": ep.agent_id, "metrics": dict(ep.metrics), "deployer": ep.deployer}
+        return checked(ctx.stage, DeployResult(skipped=True,
+                                               reason="the deploy job ended without serving"))
+    return checked(ctx.stage, DeployResult(
+        endpoint_id=ep.endpoint_id, url=ep.url, model=ep.model, agent_id=ep.agent_id,
+        metrics=dict(ep.metrics), deployer=ep.deployer))
 
 
 async def report(ctx: StageRun) -> dict[str, Any]:
@@ -378,7 +404,8 @@ async def report(ctx: StageRun) -> dict[str, Any]:
 
     svc = services(ctx)
     out_dir = svc.config.home_path / "reports" / ctx.run_id
-    return await asyncio.to_thread(write_report, ctx.run, svc.plugins, out_dir, svc.costs)
+    out = await asyncio.to_thread(write_report, ctx.run, svc.plugins, out_dir, svc.costs)
+    return checked(ctx.stage, ReportResult(**out))
 
 
 STAGE_FUNCS: dict[str, StageFn] = {

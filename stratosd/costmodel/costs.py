@@ -7,17 +7,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import structlog
 
 from schemas.costs import PHASES, Estimate, JobEstimate, JobWork, StageCost
 from schemas.specs import RunSpec, ServerOffer
+from schemas.stages import (
+    STAGE_RESULTS,
+    ProbeTeachersResult,
+    SelectStudentResult,
+    StageResult,
+    SynthesizeResult,
+)
 from stratosd.costmodel.learn import EfficiencyBook
 from stratosd.costmodel.model import JobCosting, train_loop_prior_s
 from stratosd.costmodel.work import TaskSample, estimate_work, task_sample
 from stratosd.errors import ConfigError
+from stratosd.results import stage_result
 
 if TYPE_CHECKING:
     from schemas.commands import RunInfo
@@ -29,14 +37,12 @@ STAGE_PHASE: dict[str, str] = {
     "probe_teachers": "probe", "select_student": "prescreen", "synthesize": "synthesis",
     "train": "train", "evaluate": "evaluate", "deploy": "deploy",
 }
+R = TypeVar("R", bound=StageResult)
 GIVEN_MAX_RATIO = 10.0  # est_train_hours further than this from the model needs --force
 
 
-def _res(run: RunInfo | None, stage: str) -> dict[str, Any]:
-    if run is None:
-        return {}
-    value = run.results.get(stage)
-    return dict(value) if isinstance(value, dict) else {}
+def _res(run: RunInfo | None, cls: type[R]) -> R | None:
+    return None if run is None else stage_result(run, cls)
 
 
 class CostModel:
@@ -59,17 +65,15 @@ class CostModel:
 
     def work(self, spec: RunSpec, run: RunInfo | None = None) -> JobWork:
         """The run's work: from the spec, refined by what its finished stages found."""
-        student = _res(run, "select_student").get("chosen")
-        syn = _res(run, "synthesize")
-        rows = syn.get("kept") if isinstance(syn.get("kept"), int) else None
-        target = syn.get("mean_target_chars")
+        stu = _res(run, SelectStudentResult)
+        syn = _res(run, SynthesizeResult)
         sample = self.sample(spec)
-        chars = (sample.prompt_chars + float(target)) if isinstance(target, int | float) \
-            else None
+        target = None if syn is None else syn.mean_target_chars
+        chars = None if target is None else sample.prompt_chars + target
         return estimate_work(
-            spec, self.plugins, student=student if isinstance(student, str) else None,
-            rows=rows, row_chars=chars, probe=_res(run, "probe_teachers") or None,
-            sample=sample)
+            spec, self.plugins, student=None if stu is None else stu.chosen,
+            rows=None if syn is None else syn.kept, row_chars=chars,
+            probe=_res(run, ProbeTeachersResult), sample=sample)
 
     def costing(self, spec: RunSpec, run: RunInfo | None = None, *,
                 phases: Sequence[str] = PHASES, work: JobWork | None = None) -> JobCosting:
@@ -156,9 +160,9 @@ class CostModel:
         """$ measured so far: each finished stage's server time and API $."""
         total = 0.0
         for stage in STAGE_PHASE:
-            cost = _res(run, stage).get("cost")
-            if isinstance(cost, dict) and isinstance(cost.get("measured_usd"), int | float):
-                total += float(cost["measured_usd"])
+            got = _res(run, STAGE_RESULTS[stage])
+            if got is not None and got.cost is not None and got.cost.measured_usd is not None:
+                total += got.cost.measured_usd
         return total
 
     def remaining(self, run: RunInfo, from_stage: str, offer: ServerOffer) -> Estimate | None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from schemas.costs import Estimate, JobWork
 from schemas.specs import RunSpec, StudentSpec, TeacherSpec
+from schemas.stages import ProbeTeachersResult
 from stratosd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ def estimate_work(
     student: str | None = None,
     rows: int | None = None,
     row_chars: float | None = None,
-    probe: Mapping[str, Any] | None = None,
+    probe: ProbeTeachersResult | None = None,
     sample: TaskSample | None = None,
 ) -> JobWork:
     """The job's work from its spec; later stages refine it (chosen student, rows kept,
@@ -274,12 +275,9 @@ def estimate_work(
     n_test = _int(ev.get("limit"), sample.test_rows) or sample.test_rows
     eval_new = _int(ev.get("max_new_tokens"), 128)
     tps = None
-    if probe:
-        got = [float(s.get("tokens_out", 0)) / max(float(s.get("latency_ms_mean", 0)) * 1e-3
-                                                     * max(int(s.get("n", 1)), 1), 1e-9)
-               for s in probe.get("scores", []) or []
-               if isinstance(s, dict) and s.get("name") == teacher.label
-               and s.get("tokens_out")]
+    if probe is not None:
+        got = [s.tokens_out / max(s.latency_ms_mean * 1e-3 * max(s.n, 1), 1e-9)
+               for s in probe.scores if s.name == teacher.label and s.tokens_out]
         tps = got[0] if got else None
     dtype = "fp32"
     return JobWork(

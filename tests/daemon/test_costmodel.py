@@ -197,8 +197,8 @@ def test_budget_counts_every_phase_and_what_was_spent(plugins: Plugins) -> None:
     assert full.usd is not None and full.seconds is not None
     by_phase = sum(p.usd.value for p in full.phases)
     assert full.usd.value == pytest.approx(by_phase)  # one budget: the sum of all phases
-    run = _run(s, {"select_server": {}, "probe_teachers": {"cost": {"measured_usd": 0.5}},
-                   "select_student": {"cost": {"measured_usd": 0.25}}})
+    run = _run(s, {"select_server": {}, "probe_teachers": {"cost": _paid("probe", 0.5)},
+                   "select_student": {"cost": _paid("prescreen", 0.25)}})
     assert costs.spent_usd(run) == pytest.approx(0.75)
     rest = costs.remaining(run, "choose_strategy", CPU)
     assert rest is not None
@@ -208,13 +208,18 @@ def test_budget_counts_every_phase_and_what_was_spent(plugins: Plugins) -> None:
     assert 0 < rest.value < full.usd.value
 
 
+def _paid(phase: str, usd: float) -> dict[str, Any]:
+    return {"phase": phase, "server": CPU.id, "measured_s": 1.0, "measured_usd": usd}
+
+
 async def test_budget_check_stops_a_run_that_would_overspend(daemon: Any) -> None:
     from stratosd.stages import budget_check
 
     s = spec(constraints={"budget_usd": 0.01, "target_accuracy": 0.0})
     chosen = to_builtins(CPU)
-    run = _run(s, {"select_server": {"selection": {"chosen": chosen}, "agent_id": None},
-                   "probe_teachers": {"cost": {"measured_usd": 0.009}}})
+    run = _run(s, {"select_server": {"selection": {"selector": "pfg", "chosen": chosen},
+                                     "agent_id": CPU.agent_id},
+                   "probe_teachers": {"cost": _paid("probe", 0.009)}})
     verdict = await budget_check(run, "synthesize", daemon.pipeline.services)
     assert verdict is not None
     assert verdict.spent_usd == pytest.approx(0.009) and verdict.next_usd > 0.001

@@ -17,7 +17,8 @@ from schemas.specs import RunSpec, ScoreWeights, ServerOffer
 from stratosd.costmodel.costs import STAGE_PHASE, CostModel
 from stratosd.plugins import Plugins
 from stratosd.report import write_report
-from stratosd.score import METRICS, compare_selectors
+from stratosd.comparison import compare_selectors
+from stratosd.score import METRICS
 
 OFFERS = [
     ServerOffer(id="a100-eu", agent_id="ag-a100", gpu_model="NVIDIA A100-SXM4-80GB",
@@ -40,10 +41,10 @@ OFFERS = [
 ]
 BEFORE = {"n": 100, "correct": 4, "accuracy": 0.04, "ci_low": 0.0157, "ci_high": 0.0984,
           "partial": 0.11, "latency_ms_mean": 410.0, "latency_ms_p95": 690.0,
-          "tokens_per_s": 52.0}
+          "tokens_per_s": 52.0, "completion_tokens": 5200}
 AFTER = {"n": 100, "correct": 38, "accuracy": 0.38, "ci_low": 0.2896, "ci_high": 0.4793,
          "partial": 0.52, "latency_ms_mean": 380.0, "latency_ms_p95": 640.0,
-         "tokens_per_s": 55.0}
+         "tokens_per_s": 55.0, "completion_tokens": 5500}
 
 
 # measured / estimated on the run's server, per phase: the model is ~20-40% optimistic here
@@ -377,7 +378,7 @@ def test_measurements_follow_the_server_the_run_moved_to(plugins: Plugins) -> No
 def test_fallback_server_plot(plugins: Plugins, tmp_path: Path) -> None:
     from schemas.specs import Constraints
     from stratosd.costmodel import JobCosting
-    from stratosd.report import plot_servers_simple
+    from stratosd.report_plots import plot_servers_simple
 
     selection = plugins.selectors.get("cost-first")().select(OFFERS, Constraints())
     for costing in (JobCosting.reference_hours(0.5), None):

@@ -14,7 +14,7 @@ from stratosd.costmodel.costs import STAGE_PHASE, CostModel
 from stratosd.costmodel.learn import EfficiencyBook
 from stratosd.plugins import Plugins
 from stratosd.report import headline, write_report
-from stratosd.score import compare_selectors
+from stratosd.comparison import compare_selectors
 from tests.daemon.test_report import (
     MEASURED_RATIO,
     OFFERS,

@@ -9,19 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.costs import Estimate, JobEstimate, PhaseCost
+from schemas.costs import Estimate, JobEstimate, PhaseCost, StageCost
 from schemas.specs import ScoreWeights
+from stratosd.comparison import agreement, job_cost, same_class, with_api_paid
 from stratosd.errors import ConfigError
 from stratosd.score import (
     DEGENERATE_TERM,
     METRICS,
     Candidate,
-    agreement,
     improvement_pct,
-    job_cost,
-    same_class,
     score_candidates,
-    with_api_paid,
 )
 
 # accuracy, latency ms, train s, cost $: a fast expensive box, a cheap slow one, a middle one
@@ -213,7 +210,8 @@ def test_same_class_needs_the_same_keys_and_time() -> None:
 
 def test_job_cost_measured_phases_at_this_price_estimate_for_the_rest() -> None:
     est = _estimate("b", 500.0, 0.05, api=0.3)
-    measured = {"train": {"measured_s": 720.0, "measured_usd": 720.0 / 3600 * 0.1}}
+    measured = {"train": StageCost(phase="train", server="a", measured_s=720.0,
+                                   measured_usd=720.0 / 3600 * 0.1)}
     cost, estimated = job_cost(measured, est, price=0.05, run_price=0.1)
     # train as measured, at b's price; synthesis (not measured) estimated, with its API $
     assert cost == pytest.approx(720.0 / 3600 * 0.05 + 100.0 / 3600 * 0.05 + 0.3)

@@ -68,3 +68,11 @@ async def test_stop_resume_fail_resume_with_real_stages(daemon: Any, agent: Any)
     assert failed_once == [run.jobs["train#1"]]
     assert run.jobs["train#2"] not in failed_once  # a new job, not the failed attempt's
     assert run.results["train"]["artifact"]
+    # every stage's stored result meets its contract (schemas.stages), read back typed
+    from schemas.stages import STAGE_RESULTS
+    from stratosd.results import stage_result
+
+    for stage, cls in STAGE_RESULTS.items():
+        got = stage_result(run, cls)
+        assert got is not None, f"{stage} result missing or breaks its contract"
+    assert stage_result(run, STAGE_RESULTS["train"]).artifact == run.results["train"]["artifact"]
