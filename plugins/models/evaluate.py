@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
+from schemas.stages import EvalRecord, EvalResult
 from stratosd.api import Example, TaskPack
 from stratosd.errors import ConfigError
 
@@ -33,37 +34,6 @@ class GenLike(Protocol):
 
 
 Generate = Callable[[list[str]], Sequence[Any]]
-
-
-class EvalRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """One evaluated example."""
-
-    id: str
-    predicted: str | None
-    gold: str
-    correct: bool
-    output: str = ""
-    error: str | None = None
-
-
-class EvalResult(msgspec.Struct, frozen=True, kw_only=True):
-    """Accuracy (Wilson 95% interval), partial credit, latency and throughput of one eval."""
-
-    n: int
-    correct: int
-    accuracy: float
-    ci_low: float
-    ci_high: float
-    partial: float
-    latency_ms_mean: float
-    latency_ms_p95: float
-    tokens_per_s: float
-    completion_tokens: int
-    prompt_tokens: int = 0
-    errors: int = 0
-    elapsed_s: float = 0.0
-    answers_per_s: float = 0.0
-    records: list[EvalRecord] = []
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
