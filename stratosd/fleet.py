@@ -19,6 +19,7 @@ from schemas.events import AgentDown, AgentRegistered
 from schemas.specs import ServerOffer
 from schemas.telemetry import TELEMETRY_DECODER, AgentTelemetry
 from stratosd.bus import Bus
+from stratosd.offers import OfferTable
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -88,6 +89,7 @@ class Fleet:
         self._sub: Any = None
         self._new: list[str] = []
         self._disconnected_at = 0.0
+        self._table: OfferTable | None = None  # live offers, columnar; None: rebuild
 
     async def start(self) -> None:
         """Restore known agents from KV (as down until heard) and subscribe to telemetry."""
@@ -170,6 +172,7 @@ class Fleet:
             return None
         now = utc_now()
         self.stats.record((now - tlm.ts).total_seconds() * 1000.0)
+        self._table = None
         st = self.agents.get(tlm.agent_id)
         if st is None or st.status != "up":
             self._new.append(tlm.agent_id)
@@ -206,6 +209,7 @@ class Fleet:
             if st.status == "up" and now - st.last_seen > limit:
                 st.status = "down"
                 st.dirty = True
+                self._table = None
                 down.append(agent_id)
         for agent_id in down:
             st = self.agents[agent_id]
@@ -236,12 +240,13 @@ class Fleet:
         return n
 
     async def wait_up(self, agent_id: str, timeout: float | None = None) -> bool:
-        """Wait until a known agent reports (after a daemon restart, agents are 'down' until
-        their next heartbeat). Default timeout: the agent's heartbeat window."""
+        """Wait until an agent reports (after a daemon restart, agents are 'down' until
+        their next heartbeat). Default timeout: the agent's heartbeat window; an agent never
+        heard of is waited for only with an explicit timeout."""
         st = self.agents.get(agent_id)
-        if st is None:
-            return False
         if timeout is None:
+            if st is None:
+                return False
             timeout = self.missed_heartbeats * st.telemetry.interval_s
         deadline = time.monotonic() + timeout
         while not self.is_up(agent_id) and time.monotonic() < deadline:
@@ -294,8 +299,17 @@ class Fleet:
         """Ids of the agents that are up, sorted."""
         return sorted(a for a, st in self.agents.items() if st.status == "up")
 
+    def table(self) -> OfferTable:
+        """Live agents as offers in columnar form (what selection reads); rebuilt only after
+        telemetry or a status change."""
+        if self._table is None:
+            self._table = OfferTable.from_offers(self.offers())
+        return self._table
+
     def offers(self, *, include_down: bool = False) -> list[ServerOffer]:
         """Live agents as offers (the candidates a run can execute on)."""
+        if not include_down and self._table is not None:
+            return list(self._table.offers)
         return [
             self.offer(a)
             for a, st in sorted(self.agents.items())

@@ -72,7 +72,13 @@ def plan_rows(
 ) -> list[dict[str, Any]]:
     """One row per Pareto-optimal candidate plus the pick, cheapest job first."""
     wanted = set(selection.pareto_ids) | {selection.chosen.id}
-    picked = {o.id: o for o in offers if o.id in wanted}
+    import numpy as np
+
+    from stratosd.offers import OfferTable
+
+    table = OfferTable.from_offers(offers)
+    hits = np.flatnonzero(np.isin(table.ids, list(wanted)))
+    picked = {table[int(i)].id: table[int(i)] for i in hits}
     picked.setdefault(selection.chosen.id, selection.chosen)
     chosen_rows = list(picked.values())
     cols = costing.columns(chosen_rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import time
 from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
         TeacherBackend,
         Trainer,
     )
+    from stratosd.offers import OfferTable
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -60,6 +62,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
 )
 
 T = TypeVar("T")
+CATALOG_MAX_AGE_S = 60.0  # catalogs change slowly; a plan need not re-read them
 
 
 def make_plugin_manager(
@@ -114,6 +117,7 @@ class Plugins:
 
     def __init__(self, pm: pluggy.PluginManager | None = None) -> None:
         self.pm = pm if pm is not None else make_plugin_manager()
+        self._catalog_table: tuple[float, OfferTable] | None = None
 
     def _collect(self, hook_name: str, kind: str, **kwargs: Any) -> Registry[Any]:
         registry: Registry[Any] = Registry(kind)
@@ -164,6 +168,17 @@ class Plugins:
     def catalog_offers(self) -> list[ServerOffer]:
         """Every offer from every catalog plugin."""
         return [o for name in self.catalogs.names() for o in self.catalogs.get(name)().offers()]
+
+    def catalog_table(self, max_age_s: float = CATALOG_MAX_AGE_S) -> OfferTable:
+        """The catalogs' offers in columnar form, rebuilt at most every max_age_s (a catalog
+        of a million offers is read once, not per plan)."""
+        from stratosd.offers import OfferTable  # numpy: not on stratosctl's start-up path
+
+        now = time.monotonic()
+        got = self._catalog_table
+        if got is None or now - got[0] > max_age_s:
+            got = self._catalog_table = (now, OfferTable.from_offers(self.catalog_offers()))
+        return got[1]
 
     def task(self, name: str, params: dict[str, Any] | None = None) -> TaskPack:
         """Instantiate a task pack with its params."""

@@ -133,9 +133,9 @@ class ControlService:
         from stratosd.errors import Infeasible
 
         d = self.d
-        offers = d.fleet.offers()
+        offers = d.fleet.table()
         await asyncio.to_thread(d.costs.check_given, spec, offers, force=force)
-        if not offers:
+        if not len(offers):
             return  # select_server says so, once the run starts
         selector = d.plugins.selectors.get(spec.selector)(spec.selector_params)
         try:
@@ -150,14 +150,16 @@ class ControlService:
         import asyncio
 
         from stratosd import planning
+        from stratosd.offers import OfferTable
 
         d = self.d
         spec = cmd.spec
         name = cmd.selector or spec.selector
         selector = d.plugins.selectors.get(name)(
             spec.selector_params if name == spec.selector else {})
-        live = d.fleet.offers()
-        offers = live + (d.catalog_offers() if cmd.catalog else [])
+        live = d.fleet.table()
+        offers = (OfferTable.concat(live, d.plugins.catalog_table()) if cmd.catalog
+                  else live)
         await asyncio.to_thread(d.costs.check_given, spec, offers, force=cmd.force)
         costing = await asyncio.to_thread(d.costs.costing, spec)
         selection = await asyncio.to_thread(

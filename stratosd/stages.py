@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +64,7 @@ def stage_params(ctx: StageRun, key: str) -> dict[str, Any]:
     return dict(value)
 
 
-async def select(ctx: StageRun, offers: list[ServerOffer]) -> Any:
+async def select(ctx: StageRun, offers: Sequence[ServerOffer]) -> Any:
     """Run the job's selector over offers with the run's costing, in a thread (the work
     estimate reads the task data; big fleets take a few ms)."""
     svc = services(ctx)
@@ -140,7 +141,7 @@ async def run_job(
             job_id = None  # lost with its agent: send it again
         else:
             svc.dispatch.job_agent[job_id] = agent_id
-    if not job_id:
+    if not job_id or agent_id is None:  # never sent, or sent and lost, or its agent unknown
         agent_id = await agent_for(ctx)
         job_id = f"{ctx.run_id}-{key}-{ctx.attempt}"
         await ctx.remember_job(job_key, job_id)
@@ -148,7 +149,6 @@ async def run_job(
         step_msg = RunStep(job_id=job_id, run_id=ctx.run_id, step=step,  # type: ignore[arg-type]
                            args=args, inputs=inputs or {}, source="stratosd")
         await send_queued(ctx, agent_id, step_msg)
-    assert agent_id is not None
     try:
         outcome = await svc.dispatch.wait(job_id)
     except asyncio.CancelledError:
@@ -192,8 +192,8 @@ async def select_server(ctx: StageRun) -> dict[str, Any]:
     svc = services(ctx)
     waited = 0.0
     while True:
-        offers = svc.fleet.offers()
-        if not offers:
+        offers = svc.fleet.table()
+        if not len(offers):
             raise Infeasible("no live agent to run on",
                              hint="start stratos-agent on a host (see README), then resubmit")
         try:
@@ -215,7 +215,7 @@ async def select_server(ctx: StageRun) -> dict[str, Any]:
     estimate = costing.estimate(chosen)
     loop = svc.costs.loop_estimate(costing.work, chosen, ctx.spec.est_train_hours)
     return checked(ctx.stage, SelectServerResult(
-        selection=selection, agent_id=chosen.agent_id, offers=offers, work=costing.work,
+        selection=selection, agent_id=chosen.agent_id, offers=list(offers), work=costing.work,
         estimate=estimate, train_loop_estimate=loop, queued_s=waited))
 
 

@@ -26,9 +26,8 @@ another run's training (`offer.busy`) is removed by `busy`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,6 +36,7 @@ from numpy.typing import NDArray
 from schemas.specs import Constraints, ServerOffer
 from stratosd.costmodel.capacity import gpu_entry
 from stratosd.errors import Infeasible
+from stratosd.offers import OfferTable
 
 if TYPE_CHECKING:
     from stratosd.costmodel import JobCosting
@@ -81,23 +81,6 @@ def hardware_scores(offers: Sequence[ServerOffer], costing: JobCosting | None = 
 def hardware_score(offer: ServerOffer, costing: JobCosting | None = None) -> float:
     """H of one offer."""
     return float(hardware_scores([offer], costing)[0])
-
-
-def _columns(offers: Sequence[ServerOffer]) -> FloatArray:
-    """count, mem, cpus, price, latency, up, latency known, busy: (n, 8)."""
-    n = len(offers)
-    out = np.empty((8, n), dtype=np.float64)
-
-    def column(name: str) -> Iterator[Any]:
-        return map(attrgetter(name), offers)
-
-    for row, name in enumerate(
-        ("gpu_count", "gpu_mem_mib", "cpu_count", "price_usd_per_hour", "latency_ms",
-         "latency_known", "busy")
-    ):
-        out[row if row < 5 else row + 1] = np.fromiter(column(name), np.float64, n)
-    out[5] = np.fromiter(map("up".__eq__, column("status")), np.float64, n)
-    return out.T
 
 
 def region_matches(region: str, wanted: str) -> bool:
@@ -171,67 +154,65 @@ def filter_offers(
             "no servers to choose from: no agent is connected and no offer catalog has offers",
             hint="start stratos-agent on a host, or add a catalog with STRATOS_OFFER_CATALOGS",
         )
-    cols = _columns(offers)
-    costs = costing.columns(offers)
+    table = OfferTable.from_offers(offers)
+    costs = costing.columns(table)
     hardware = np.maximum(costs.hardware, 1e-6)
     hours = costs.seconds / 3600.0
-    price, known = cols[:, 3], cols[:, 6] > 0
-    latency = cols[:, 4].copy()
+    price, known = table.price, table.latency_known
+    latency = table.latency_ms
     job = costs.total_usd
-    checks = _checks(offers, constraints, cols, job)
-    ids = list(map(attrgetter("id"), offers))
-    left = np.ones(len(offers), dtype=bool)
+    checks = _checks(table, constraints, job)
+    left = np.ones(len(table), dtype=bool)
     removed: dict[str, list[str]] = {}
     for name, ok, _gap in checks:
         gone = left & ~ok
-        removed[name] = [ids[i] for i in np.flatnonzero(gone)]
+        removed[name] = table.ids[gone].tolist()
         left &= ok
     if not left.any():
-        raise _infeasible(offers, constraints, checks, job, hardware, latency)
+        raise _infeasible(table, constraints, checks, job, hardware, latency)
     idx = np.flatnonzero(left).astype(np.int64)
     lat = latency[idx]
     unknown = ~known[idx]
     if unknown.any():  # never 0 (the best): the worst latency any candidate is known to have
         lat = np.where(unknown, lat[~unknown].max() if (~unknown).any() else 0.0, lat)
     return Candidates(
-        source=offers, index=idx, hardware=hardware[idx], price=price[idx], hours=hours[idx],
+        source=table, index=idx, hardware=hardware[idx], price=price[idx], hours=hours[idx],
         job_usd=job[idx], latency_ms=lat, removed=removed, total=len(offers),
         costing=costing, measured=costs.measured[idx],
     )
 
 
 def _checks(
-    offers: Sequence[ServerOffer], c: Constraints, cols: FloatArray, job: FloatArray
+    t: OfferTable, c: Constraints, job: FloatArray
 ) -> list[tuple[str, BoolArray, FloatArray]]:
     """(constraint, passes, relative shortfall) for each active constraint, in order."""
     out: list[tuple[str, BoolArray, FloatArray]] = []
-    cat = np.full(len(offers), _CATEGORICAL_GAP)
-    finite = np.isfinite(job) & np.isfinite(cols[:, 4])
-    out.append(("status", (cols[:, 5] > 0) & finite, cat))
-    out.append(("busy", cols[:, 7] == 0, cat))
+    cat = np.full(len(t), _CATEGORICAL_GAP)
+    finite = np.isfinite(job) & np.isfinite(t.latency_ms)
+    out.append(("status", t.up & finite, cat))
+    out.append(("busy", ~t.busy, cat))
     if c.region:
-        wanted = c.region
-        out.append(("region", np.array([region_matches(o.region, wanted) for o in offers]), cat))
+        out.append(("region", t.region_mask(c.region), cat))
 
     def numeric(name: str, value: FloatArray, limit: float, upper: bool) -> None:
         excess = (value - limit) if upper else (limit - value)
         out.append((name, excess <= 1e-12 * max(limit, 1.0), excess / max(limit, 1e-9)))
 
     if c.min_gpu_mem_mib > 0:
-        mem = np.where(cols[:, 0] > 0, cols[:, 1], 0.0)
+        mem = np.where(t.gpu_count > 0, t.gpu_mem_mib, 0.0)
         numeric("min_gpu_mem_mib", mem, float(c.min_gpu_mem_mib), upper=False)
     if c.max_price_usd_per_hour is not None:
-        numeric("max_price_usd_per_hour", cols[:, 3], c.max_price_usd_per_hour, upper=True)
+        numeric("max_price_usd_per_hour", t.price, c.max_price_usd_per_hour, upper=True)
     if c.max_latency_ms is not None:
-        out.append(("latency_known", cols[:, 6] > 0, cat))
-        numeric("max_latency_ms", cols[:, 4], c.max_latency_ms, upper=True)
+        out.append(("latency_known", t.latency_known, cat))
+        numeric("max_latency_ms", t.latency_ms, c.max_latency_ms, upper=True)
     if c.budget_usd is not None:
         numeric("budget_usd", job, c.budget_usd, upper=True)
     return out
 
 
 def _infeasible(
-    offers: Sequence[ServerOffer],
+    offers: OfferTable,
     c: Constraints,
     checks: list[tuple[str, BoolArray, FloatArray]],
     job: FloatArray,
@@ -242,7 +223,7 @@ def _infeasible(
     fails = np.column_stack([~ok for _n, ok, _g in checks])
     gaps = np.column_stack([np.where(~ok, g, 0.0) for _n, ok, g in checks])
     nfail = fails.sum(axis=1)
-    ids = np.array([o.id for o in offers], dtype=object)
+    ids = offers.ids
     safe_job = np.where(np.isfinite(job), job, np.inf)
     order = np.lexsort((ids, safe_job, gaps.sum(axis=1), nfail))
     best = int(order[0])

@@ -34,6 +34,7 @@ from schemas.costs import PHASES, Estimate, EstimateSource, JobEstimate, JobWork
 from schemas.specs import ServerOffer
 from stratosd.costmodel.capacity import Speed, job_threads, offer_speed
 from stratosd.costmodel.learn import PRIOR, Correction, EfficiencyBook, key
+from stratosd.offers import OfferTable, hardware_kind
 
 FloatArray = NDArray[np.float64]
 
@@ -183,9 +184,7 @@ class JobCosting:
                    phases=("train",), given_train_hours=hours)
 
     def _priors(self, offer: ServerOffer) -> tuple[Speed, list[Phase]]:
-        cap = offer.capacity
-        ck = (offer.gpu_model, offer.gpu_count, offer.cpu_count, id(cap) if cap else None,
-              offer.hardware_score)
+        ck = hardware_kind(offer)
         got = self._cache.get(ck)
         if got is None:
             got = self._cache[ck] = prior_phases(self.work, offer)
@@ -218,29 +217,21 @@ class JobCosting:
         return [(p, *self.correction(sp, p.name)) for p in phases if p.name in self.phases]
 
     def columns(self, offers: Sequence[ServerOffer]) -> OfferCosts:
-        """Seconds, $ and effective hardware of every offer (grouped by hardware: fleets
-        repeat a few kinds, so big catalogs cost one computation per kind)."""
-        n = len(offers)
-        seconds = np.empty(n)
-        hardware = np.empty(n)
-        measured = np.zeros(n, dtype=bool)
-        memo: dict[tuple[object, ...], tuple[float, float, bool]] = {}
-        for i, o in enumerate(offers):
-            cap = o.capacity
-            ck = (o.gpu_model, o.gpu_count, o.cpu_count, id(cap) if cap else None,
-                  o.hardware_score)
-            got = memo.get(ck)
-            if got is None:
-                sp, _ = self._priors(o)
-                secs = sum(p.seconds * c.factor for p, _k, c in self.phase_seconds(o))
-                hw = sp.tflops * max(1, min(self.work.devices, sp.devices))
-                got = memo[ck] = (secs, hw, sp.source == "measured")
-            seconds[i], hardware[i], measured[i] = got
-        price = np.fromiter((o.price_usd_per_hour for o in offers), np.float64, n)
-        server = seconds / 3600.0 * price
+        """Seconds, $ and effective hardware of every offer: priced once per hardware kind
+        (fleets repeat a few kinds) and broadcast over the offers' columns."""
+        table = OfferTable.from_offers(offers)
+        per_kind = np.empty((3, len(table.kinds)))
+        for j, o in enumerate(table.kinds):
+            sp, _ = self._priors(o)
+            per_kind[0, j] = sum(p.seconds * c.factor for p, _k, c in self.phase_seconds(o))
+            per_kind[1, j] = sp.tflops * max(1, min(self.work.devices, sp.devices))
+            per_kind[2, j] = sp.source == "measured"
+        seconds, hardware, measured = (per_kind[:, table.kind] if len(table.kinds)
+                                       else np.empty((3, 0)))
+        server = seconds / 3600.0 * table.price
         api = self.api_usd()
         return OfferCosts(seconds=seconds, server_usd=server, total_usd=server + api,
-                          hardware=hardware, api_usd=api, measured=measured)
+                          hardware=hardware, api_usd=api, measured=measured > 0)
 
     def api_usd(self) -> float:
         """Per-token $ of a remote teacher for the synthesis (0 when it runs on the server)."""
