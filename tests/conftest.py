@@ -109,24 +109,13 @@ async def wait_latency_known(daemon: Any, agent_id: str, timeout: float = 15) ->
 @pytest.fixture
 def users_url() -> Iterator[str]:
     """A loopback HTTP server standing in for the users' region (agents' --probe-url)."""
-    import http.server
-    import threading
+    from stratosd.ctl.demo import UsersEndpoint
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *_: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    users = UsersEndpoint()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
+        yield users.url
     finally:
-        server.shutdown()
-        server.server_close()
+        users.close()
 
 
 def free_port() -> int:

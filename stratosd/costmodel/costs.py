@@ -77,7 +77,10 @@ class CostModel:
 
     def costing(self, spec: RunSpec, run: RunInfo | None = None, *,
                 phases: Sequence[str] = PHASES, work: JobWork | None = None) -> JobCosting:
-        """The job's costing over any server (the selectors' input)."""
+        """The job's costing over any server (the selectors' input); a job that deploys
+        nothing has no deploy phase."""
+        if not spec.deploy:
+            phases = [p for p in phases if p != "deploy"]
         return JobCosting(work or self.work(spec, run), self.book, phases=phases,
                           given_train_hours=spec.est_train_hours)
 
@@ -108,6 +111,8 @@ class CostModel:
         measurement of a finished stage; learns from it (in memory: `save` persists)."""
         phase = STAGE_PHASE.get(stage)
         if phase is None or not (measured_s > 0 and math.isfinite(measured_s)):
+            return None
+        if result.get("skipped"):  # nothing was deployed: nothing to learn or bill
             return None
         costing = self.costing(run.spec, run, phases=(phase,))
         rows = costing.phase_seconds(offer)

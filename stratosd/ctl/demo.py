@@ -123,7 +123,7 @@ async def _run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     print(f"demo home: {home}")
     stack.spawn("daemon", "stratosd", "--log-format", "json")
-    users = _Users()
+    users = UsersEndpoint()
     try:
         bus = await _wait_daemon(home)
         print("starting the agents one by one: each measures its capacity (matmul, memory, "
@@ -173,8 +173,9 @@ async def _run(args: argparse.Namespace) -> int:
             users.close()
 
 
-class _Users:
-    """A loopback HTTP server standing in for the users' region: agents time GETs to it."""
+class UsersEndpoint:
+    """A loopback HTTP server standing in for the users' region: agents time GETs to it
+    (`--probe-url`). The demo, the mini-study bench and the tests use it."""
 
     def __init__(self) -> None:
         import http.server

@@ -190,6 +190,17 @@ def _run(s: RunSpec, results: dict[str, Any]) -> RunInfo:
                    stage="train", created=now, updated=now, spec=s, results=results)
 
 
+def test_a_job_that_deploys_nothing_has_no_deploy_phase_and_learns_none(
+        plugins: Plugins) -> None:
+    costs = CostModel(plugins)
+    s = spec(deploy=False)
+    phases = {p.phase for p in costs.costing(s).estimate(CPU).phases}
+    assert "deploy" not in phases and "train" in phases
+    run = _run(s, {})
+    assert costs.stage_cost(run, "deploy", CPU, 0.002, {"skipped": True}) is None
+    assert costs.book.records == {}  # a skipped deploy teaches nothing
+
+
 def test_budget_counts_every_phase_and_what_was_spent(plugins: Plugins) -> None:
     costs = CostModel(plugins)
     s = spec()
