@@ -157,6 +157,8 @@ def probe_endpoint(
     """Send `requests` streamed chat requests one at a time, cycling over `prompts`."""
     import httpx
 
+    from plugins.models.prompting import user_messages
+
     if not prompts:
         raise ValueError("the probe needs at least one prompt")
     endpoint = url.rstrip("/") + "/chat/completions"
@@ -165,8 +167,9 @@ def probe_endpoint(
         for i in range(requests):
             if should_stop():
                 break
+            # Each prompt is one user message, as the student was trained (see prompting).
             body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0,
-                    "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+                    "messages": user_messages(prompts[i % len(prompts)]),
                     "stream": True, "stream_options": {"include_usage": True}}
             result.requests += 1
             try:

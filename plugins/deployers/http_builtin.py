@@ -2,6 +2,8 @@
 
 Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` (with `stream`),
 `POST /v1/completions`. Generation is serialised by a lock (one model, CPU or one GPU).
+Chat messages are rendered by `plugins.models.prompting`, exactly as the student was trained;
+vLLM's `return_token_ids` extension returns the prompt and generated token ids.
 Testing aids: `faults={429: 0.2, 500: 0.1}` fails that share of POSTs (seeded; 429 carries
 `Retry-After`), `delay_s` adds latency per request outside the lock (a remote API).
 Run by hand: `python -m plugins.deployers.http_builtin --model config:tiny --port 8000`.
@@ -22,9 +24,11 @@ from typing import Any, ClassVar
 import structlog
 
 from plugins.deployers.openai_http import ConnTrackingServer, Handler
-from plugins.deployers.openai_wire import ApiError, cut_at_stop, field_value, message_text
+from plugins.deployers.openai_wire import ApiError, chat_messages, cut_at_stop, field_value
+from plugins.models import prompting
 from stratosd import hookimpl
 from stratosd.api import DeployContext, Deployer
+from stratosd.errors import StratosError
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -142,36 +146,39 @@ class OpenAIServer:
             "stops": stops,
         }
 
-    def chat_prompt(self, body: Mapping[str, Any]) -> str:
-        """The prompt text of a chat request (the tokenizer's chat template)."""
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "`messages` must be a non-empty list", param="messages")
-        contents = [message_text(m, i) for i, m in enumerate(messages)]
-        if getattr(self.tokenizer, "chat_template", None):
-            msgs = [{"role": m["role"], "content": c}
-                    for m, c in zip(messages, contents, strict=True)]
-            return str(self.tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                          add_generation_prompt=True))
-        return "\n".join(contents)
+    def chat_prompt(self, body: Mapping[str, Any]) -> prompting.Prompt:
+        """The prompt of a chat request, rendered as in training (see `prompting`)."""
+        try:
+            return prompting.render_prompt(self.tokenizer, chat_messages(body))
+        except StratosError as exc:  # the chat template refused these messages
+            raise ApiError(400, exc.message, param="messages") from None
 
-    def generate(self, prompts: list[str], opts: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def encode(self, prompt: str, add_special_tokens: bool) -> list[int]:
+        """The token ids generation is fed for a prompt."""
+        return prompting.encode_prompt(self.tokenizer, prompting.Prompt(
+            prompt, templated=not add_special_tokens))
+
+    def generate(self, prompts: list[str], opts: Mapping[str, Any], *,
+                 add_special_tokens: bool = True) -> list[dict[str, Any]]:
         """Generate for a batch under the lock; text cut at stop strings."""
         from plugins.models.hf import generate_batch
 
         with self._gen_lock:
             outs = generate_batch(self.model, self.tokenizer, prompts,
                                   max_new_tokens=opts["max_new_tokens"],
-                                  temperature=opts["temperature"], seed=opts["seed"])
+                                  temperature=opts["temperature"], seed=opts["seed"],
+                                  add_special_tokens=add_special_tokens)
         results = []
         for out in outs:
             text, stopped = cut_at_stop(out.text, opts["stops"])
             results.append({"text": text, "finish_reason": "stop" if stopped
                             else out.finish_reason, "prompt_tokens": out.prompt_tokens,
-                            "completion_tokens": out.completion_tokens})
+                            "completion_tokens": out.completion_tokens,
+                            "prompt_token_ids": out.prompt_token_ids,
+                            "token_ids": out.token_ids})
         return results
 
-    def stream(self, prompt: str, opts: Mapping[str, Any], usage: dict[str, Any],
+    def stream(self, prompt_ids: list[int], opts: Mapping[str, Any], usage: dict[str, Any],
                cancelled: threading.Event) -> Generator[str, None, None]:
         """Yield text pieces as they are generated (held back near a possible stop string)."""
         import torch
@@ -184,7 +191,8 @@ class OpenAIServer:
                 return cancelled.is_set()
 
         tok = self.tokenizer
-        enc = tok([prompt], return_tensors="pt")
+        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         device = next(self.model.parameters()).device
         streamer = _TokenStream(tok)
         eos = eos_token_ids(self.model, tok)

@@ -148,14 +148,20 @@ class Handler(BaseHTTPRequestHandler):
         app.check_model(body)
         prompt = app.chat_prompt(body)
         opts = app.sampling(body)
+        ids = field_value(body, "return_token_ids", bool, False)
         if field_value(body, "stream", bool, False):
-            self._stream(prompt, opts, "chatcmpl", body)
+            self._stream(app.encode(prompt.text, prompt.add_special_tokens), opts, "chatcmpl",
+                         body)
             return
-        out = app.generate([prompt], opts)[0]
-        self._json(200, {**self._envelope("chatcmpl"), "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": out["text"]},
-             "finish_reason": out["finish_reason"], "logprobs": None}],
-            "usage": usage_of([out])})
+        out = app.generate([prompt.text], opts, add_special_tokens=prompt.add_special_tokens)[0]
+        choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                  "finish_reason": out["finish_reason"], "logprobs": None}
+        extra: dict[str, Any] = {}
+        if ids:  # vLLM's extension: prompt ids on the response, generated ids per choice
+            choice["token_ids"] = out["token_ids"]
+            extra["prompt_token_ids"] = out["prompt_token_ids"]
+        self._json(200, {**self._envelope("chatcmpl"), "object": "chat.completion",
+                         "choices": [choice], "usage": usage_of([out]), **extra})
 
     def _completions(self, body: dict[str, Any]) -> None:
         app = self.app
@@ -167,22 +173,33 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "`prompt` must be a string or a non-empty list of strings",
                            param="prompt")
         opts = app.sampling(body)
+        ids = field_value(body, "return_token_ids", bool, False)
         if field_value(body, "stream", bool, False):
             if len(prompts) != 1:
                 raise ApiError(400, "`stream` needs a single prompt", param="stream")
-            self._stream(prompts[0], opts, "cmpl", body)
+            # Raw text prompts get the tokenizer's special tokens, as vLLM gives them.
+            self._stream(app.encode(prompts[0], True), opts, "cmpl", body)
             return
         outs = app.generate(prompts, opts)
-        self._json(200, {**self._envelope("cmpl"), "object": "text_completion", "choices": [
-            {"index": i, "text": o["text"], "finish_reason": o["finish_reason"],
-             "logprobs": None} for i, o in enumerate(outs)], "usage": usage_of(outs)})
+        choices = []
+        for i, o in enumerate(outs):
+            choice = {"index": i, "text": o["text"], "finish_reason": o["finish_reason"],
+                      "logprobs": None}
+            if ids:
+                choice.update(prompt_token_ids=o["prompt_token_ids"], token_ids=o["token_ids"])
+            choices.append(choice)
+        self._json(200, {**self._envelope("cmpl"), "object": "text_completion",
+                         "choices": choices, "usage": usage_of(outs)})
 
-    def _stream(self, prompt: str, opts: Mapping[str, Any], kind: str,
+    def _stream(self, prompt_ids: list[int], opts: Mapping[str, Any], kind: str,
                 body: Mapping[str, Any]) -> None:
         chat = kind == "chatcmpl"
         env = {**self._envelope(kind), "object": "chat.completion.chunk" if chat
                else "text_completion"}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        # vLLM sends the prompt ids with the first chunk (generated ids are not streamed here).
+        first_extra = ({"prompt_token_ids": prompt_ids}
+                       if field_value(body, "return_token_ids", bool, False) else {})
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -204,9 +221,9 @@ class Handler(BaseHTTPRequestHandler):
 
         usage: dict[str, Any] = {}
         cancelled = threading.Event()
-        if chat:
-            send({**env, "choices": [choice("", None, first=True)]})
-        pieces = self.app.stream(prompt, opts, usage, cancelled)
+        if chat or first_extra:
+            send({**env, "choices": [choice("", None, first=True)], **first_extra})
+        pieces = self.app.stream(prompt_ids, opts, usage, cancelled)
         try:
             for piece in pieces:
                 send({**env, "choices": [choice(piece, None)]})

@@ -62,6 +62,15 @@ def message_text(message: Any, i: int) -> str:
                    param=f"messages[{i}].content")
 
 
+def chat_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The request's messages as `{role, content}` strings; 400 naming the bad field."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "`messages` must be a non-empty list", param="messages")
+    contents = [message_text(m, i) for i, m in enumerate(messages)]  # validates each first
+    return [{"role": m["role"], "content": c} for m, c in zip(messages, contents, strict=True)]
+
+
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """text up to the first stop string, and whether one was found."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)

@@ -1,8 +1,10 @@
 """Evaluate a model on a task pack: accuracy with a Wilson interval, partial credit, latency.
 
 A generator is any `Callable[[list[str]], list[GenOut-like]]` (objects with `text`,
-`completion_tokens`, optionally `prompt_tokens`, `latency_ms`, `error`): a local model
-(`local_generator`) or an OpenAI-compatible endpoint (`endpoint_generator`).
+`completion_tokens`, optionally `prompt_tokens`, `latency_ms`, `error`) taking user messages
+(`task.prompt(question)`): a local model (`local_generator`, which renders them as the
+endpoint does) or an OpenAI-compatible endpoint (`endpoint_generator`, which sends them as
+chat messages). Both follow `plugins.models.prompting`, the format the student trained on.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
+from plugins.models import prompting
 from schemas.stages import EvalRecord, EvalResult
 from stratosd.api import Example, TaskPack
 from stratosd.errors import ConfigError
@@ -79,7 +82,7 @@ def evaluate(
     for start in range(0, n, batch_size):
         batch = examples[start:start + batch_size]
         t0 = time.perf_counter()
-        outs = list(generate([task.prompt(ex.question) for ex in batch]))
+        outs = list(generate([prompting.user_content(task, ex.question) for ex in batch]))
         batch_s = time.perf_counter() - t0
         gen_time += batch_s
         if len(outs) != len(batch):
@@ -135,14 +138,18 @@ class EndpointGen(msgspec.Struct, frozen=True, kw_only=True):
 def local_generator(
     model_ref: str, seed: int = 0, max_new_tokens: int = 128, temperature: float = 0.0
 ) -> Generate:
-    """A generator over a local model (config:, path, adapter or hub id), loaded once."""
-    from plugins.models.hf import generate_batch, load_model
+    """A generator over a local model (config:, path, adapter or hub id), loaded once.
+
+    Each prompt is one user message, rendered and encoded exactly as the endpoint does.
+    """
+    from plugins.models.hf import load_model
 
     model, tokenizer = load_model(model_ref, seed=seed)
 
     def generate(prompts: list[str]) -> list[Any]:
-        return generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                              temperature=temperature, seed=seed)
+        return prompting.generate_chat(
+            model, tokenizer, [prompting.user_messages(p) for p in prompts],
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
 
     return generate
 
@@ -175,7 +182,7 @@ def endpoint_generator(
         model = _first_served_model(client, base)
 
     def one(prompt: str) -> EndpointGen:
-        body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+        body = {"model": model, "messages": prompting.user_messages(prompt),
                 "max_tokens": max_new_tokens, "temperature": 0.0}
         error = "no attempt"
         for attempt in range(retries + 1):

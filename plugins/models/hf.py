@@ -1,64 +1,47 @@
-"""Model loading for every step: tiny `config:` models, local dirs, LoRA adapters, hub ids.
+"""Model loading and generation for every step: `config:` models, local dirs, adapters, hubs.
 
-`config:NAME[?key=value&...]` builds a char-level tokenizer and a random-init Llama model
-deterministically from a seed and caches it (atomically) as an ordinary save_pretrained
-directory, so the rest of the code only ever loads local paths with the real loaders.
-Heavy imports (torch, transformers, peft) happen inside functions.
+`config:NAME[?key=value&...]` refs are built and cached by `tiny` (char-level Llama, or
+Qwen2/Llama-3-style models with trained BPE tokenizers and chat templates), so the rest of the
+code only ever loads local paths with the real loaders. How prompts are rendered and
+encoded lives in `prompting`. Heavy imports (torch, transformers, peft) happen inside
+functions.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
-import threading
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
 
 import msgspec
 import structlog
 
+# The config: scheme lives in `tiny`; these names stay importable from here.
+from plugins.models.tiny import BOS as BOS
+from plugins.models.tiny import CHARS as CHARS
+from plugins.models.tiny import CHAT_TEMPLATE as CHAT_TEMPLATE
+from plugins.models.tiny import CONFIG_PREFIX as CONFIG_PREFIX
+from plugins.models.tiny import EOS as EOS
+from plugins.models.tiny import FORMAT_VERSION as FORMAT_VERSION
+from plugins.models.tiny import PAD as PAD
+from plugins.models.tiny import SPECIAL_TOKENS as SPECIAL_TOKENS
+from plugins.models.tiny import TINY_CONFIGS as TINY_CONFIGS
+from plugins.models.tiny import UNK as UNK
+from plugins.models.tiny import VOCAB as VOCAB
+from plugins.models.tiny import build_char_tokenizer as build_char_tokenizer
+from plugins.models.tiny import config_model_dir as config_model_dir
+from plugins.models.tiny import default_cache_dir as default_cache_dir
+from plugins.models.tiny import model_config_dict as model_config_dict
+from plugins.models.tiny import parse_config_ref as parse_config_ref
+from plugins.models.tiny import quiet_transformers as _quiet_transformers
+from plugins.models.tiny import resolve_config_model
 from stratosd.errors import ConfigError, MissingDependency
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = structlog.stdlib.get_logger(__name__)
-
-# Seeding and init use torch's global RNG: threads of one process build one at a time.
-_BUILD_LOCK = threading.Lock()
-
-CONFIG_PREFIX = "config:"
-# Bump when the tokenizer or model construction changes: old cache entries stay valid for
-# the old format and new ones get a new directory.
-FORMAT_VERSION = 1
-
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
-PAD, BOS, EOS, UNK = SPECIAL_TOKENS
-# Fixed vocabulary: specials, newline, then printable ASCII (space .. ~) in code order.
-CHARS: tuple[str, ...] = ("\n", *(chr(c) for c in range(32, 127)))
-VOCAB: dict[str, int] = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *CHARS))}
-
-# Message contents verbatim: a chat request to a tiny model equals the raw training prompt.
-CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
-
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2},
-    "small": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
-              "num_attention_heads": 4, "num_key_value_heads": 2},
-    "base": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 6,
-             "num_attention_heads": 8, "num_key_value_heads": 4},
-}
-_COMMON: dict[str, Any] = {
-    "max_position_embeddings": 2048,
-    "tie_word_embeddings": False,
-    "rms_norm_eps": 1e-6,
-}
 
 
 class GenOut(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,104 +51,8 @@ class GenOut(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"  # "length" when max_new_tokens ran out before eos
-
-
-def default_cache_dir() -> Path:
-    """`$STRATOS_HOME/models`, else `~/.cache/stratos/models`."""
-    home = os.environ.get("STRATOS_HOME")
-    if home:
-        return Path(home) / "models"
-    return Path.home() / ".cache" / "stratos" / "models"
-
-
-def _coerce(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
-
-
-def parse_config_ref(ref: str) -> tuple[str, dict[str, Any]]:
-    """Split `config:NAME?k=v&...` into NAME and its overrides; unknown NAME → ConfigError."""
-    body = ref[len(CONFIG_PREFIX):]
-    name, _, query = body.partition("?")
-    if name not in TINY_CONFIGS:
-        raise ConfigError(
-            f"unknown tiny model config {name!r} in {ref!r}",
-            hint=f"use one of: {', '.join('config:' + n for n in TINY_CONFIGS)}",
-            field="model",
-        )
-    overrides = {k: _coerce(v) for k, v in parse_qsl(query, keep_blank_values=True)}
-    return name, overrides
-
-
-def model_config_dict(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The LlamaConfig kwargs for a tiny config name plus overrides."""
-    cfg = {**_COMMON, **TINY_CONFIGS[name], **(overrides or {})}
-    cfg.update(vocab_size=len(VOCAB), pad_token_id=VOCAB[PAD], bos_token_id=VOCAB[BOS],
-               eos_token_id=VOCAB[EOS])
-    return cfg
-
-
-def build_char_tokenizer() -> PreTrainedTokenizerBase:
-    """The fixed char-level tokenizer (no training, no download)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(vocab=dict(VOCAB), unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=tok,
-        bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        model_max_length=2048,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def _quiet_transformers() -> None:
-    # Progress bars on stderr would become job log lines in the agent.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-
-
-def _build_config_model(name: str, overrides: dict[str, Any], seed: int, dest: Path) -> None:
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    _quiet_transformers()
-    try:
-        config = LlamaConfig(**model_config_dict(name, overrides))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad override for config:{name}: {exc}", field="model",
-                          hint="use LlamaConfig field names, e.g. ?hidden_size=96") from exc
-    # fork_rng: building a model must not disturb the caller's random state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model: Any = LlamaForCausalLM(config).to(torch.float32)  # type: ignore[arg-type]
-    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
-        bos_token_id=VOCAB[BOS], eos_token_id=VOCAB[EOS], pad_token_id=VOCAB[PAD],
-    )
-    model.save_pretrained(dest)
-    build_char_tokenizer().save_pretrained(dest)
-    (dest / "stratos_model.json").write_text(
-        json.dumps({"name": name, "overrides": overrides, "seed": seed,
-                    "format": FORMAT_VERSION}, sort_keys=True)
-    )
-
-
-def config_model_dir(ref: str, *, seed: int = 0, cache_dir: Path | None = None) -> Path:
-    """Where the cache keeps `ref` built with `seed` (whether or not it exists yet)."""
-    name, overrides = parse_config_ref(ref)
-    key = json.dumps({"n": name, "o": overrides, "s": seed, "v": FORMAT_VERSION},
-                     sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return (cache_dir or default_cache_dir()) / f"{name}-s{seed}-{digest}"
+    prompt_token_ids: list[int] = []  # what the model was fed (padding left out)
+    token_ids: list[int] = []  # what it generated, the stop token included
 
 
 def resolve_model(ref: str, *, seed: int = 0, cache_dir: Path | None = None) -> str:
@@ -174,26 +61,7 @@ def resolve_model(ref: str, *, seed: int = 0, cache_dir: Path | None = None) -> 
         raise ConfigError("empty model reference", hint="pass a path, hub id or config:NAME",
                           field="model")
     if ref.startswith(CONFIG_PREFIX):
-        dest = config_model_dir(ref, seed=seed, cache_dir=cache_dir)
-        if (dest / "stratos_model.json").exists():
-            return str(dest)
-        name, overrides = parse_config_ref(ref)
-        with _BUILD_LOCK:
-            if (dest / "stratos_model.json").exists():
-                return str(dest)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-            try:
-                _build_config_model(name, overrides, seed, tmp)
-                try:
-                    os.rename(tmp, dest)  # atomic; a racing process may have won
-                except OSError:
-                    if not (dest / "stratos_model.json").exists():
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        log.info("tiny_model_built", model=ref, seed=seed, path=str(dest))
-        return str(dest)
+        return resolve_config_model(ref, seed=seed, cache_dir=cache_dir)
     path = Path(ref).expanduser()
     if path.exists():
         return str(path)
@@ -304,10 +172,12 @@ def _has_tokenizer(path: str) -> bool:
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every token that ends a generation (chat models often have several)."""
+    """Every token that ends a generation: the model's and tokenizer's eos, end of turn."""
+    from plugins.models.prompting import end_of_turn_ids
+
     ids: list[int] = []
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (gen_eos, tokenizer.eos_token_id):
+    for value in (gen_eos, tokenizer.eos_token_id, end_of_turn_ids(tokenizer)):
         for i in value if isinstance(value, list) else [value]:
             if i is not None and i not in ids:
                 ids.append(int(i))
@@ -322,14 +192,20 @@ def generate_batch(
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     seed: int | None = None,
+    add_special_tokens: bool = True,
 ) -> list[GenOut]:
-    """Generate continuations for a batch (left padded; greedy at temperature 0)."""
+    """Generate continuations for a batch (left padded; greedy at temperature 0).
+
+    Prompts rendered by a chat template already hold their special tokens: pass
+    `add_special_tokens=False` for them (`prompting.generate_chat` does).
+    """
     import torch
 
     if not prompts:
         return []
     tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True,
+                    add_special_tokens=add_special_tokens)
     device = next(model.parameters()).device
     input_ids = enc["input_ids"].to(device)
     attention = enc["attention_mask"].to(device)
@@ -350,8 +226,10 @@ def generate_batch(
         )
     new = out[:, input_ids.shape[1]:].tolist()
     prompt_lens = attention.sum(dim=1).tolist()
+    fed = [ids[len(ids) - n:] if n else [] for ids, n in
+           zip(input_ids.tolist(), prompt_lens, strict=True)]
     results = []
-    for row, n_prompt in zip(new, prompt_lens, strict=True):
+    for row, n_prompt, prompt_ids in zip(new, prompt_lens, fed, strict=True):
         kept: list[int] = []
         for tok_id in row:
             kept.append(tok_id)
@@ -363,5 +241,6 @@ def generate_batch(
         text = tokenizer.decode(text_ids, skip_special_tokens=True)
         finish = "stop" if hit_eos else "length"
         results.append(GenOut(text=text, prompt_tokens=int(n_prompt),
-                              completion_tokens=len(kept), finish_reason=finish))
+                              completion_tokens=len(kept), finish_reason=finish,
+                              prompt_token_ids=prompt_ids, token_ids=kept))
     return results

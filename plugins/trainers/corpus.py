@@ -1,7 +1,9 @@
-"""Trainer data: synthesis rows (DataRow JSONL) into prompt/completion records and a Dataset.
+"""Trainer data: synthesis rows (DataRow JSONL) into tokenized examples and a Dataset.
 
-A bad line names its number; the prompt is the task's forward prompt, the completion the row's
-target plus the tokenizer's end-of-sequence token. `datasets` is imported inside functions.
+A bad line names its number. Each row is rendered by `plugins.models.prompting` (the same
+rendering the endpoint and evaluation use): the user turn is the task's forward prompt, the
+completion the row's target in the assistant turn (chat template) or target + eos (plain),
+and the loss mask covers the completion only. `datasets` is imported inside functions.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from plugins.models import prompting
 from stratosd.api import DataRow, TaskPack
 from stratosd.errors import ConfigError
 
@@ -52,19 +55,27 @@ def read_rows(path: Path) -> list[DataRow]:
 
 
 def prompt_for(task: TaskPack | None, question: str) -> str:
-    """The prompt the student sees (the task's forward prompt; the raw question without one)."""
-    return task.prompt(question) if task is not None else question
+    """The student's user message (the task's forward prompt; the raw question without one)."""
+    return prompting.user_content(task, question)
 
 
 def sft_records(
     rows: list[DataRow], task: TaskPack | None, eos_token: str
 ) -> list[dict[str, str]]:
-    """Prompt/completion pairs: prompt = task.prompt(question), completion = target + eos."""
+    """Plain-format prompt/completion text pairs: prompt = task.prompt(q), target + eos."""
     out = []
     for row in rows:
         completion = row.target if row.target.endswith(eos_token) else row.target + eos_token
         out.append({"prompt": prompt_for(task, row.question), "completion": completion})
     return out
+
+
+def sft_examples(rows: list[DataRow], task: TaskPack | None, tokenizer: Any,
+                 system: str | None = None) -> list[dict[str, list[int]]]:
+    """Tokenized examples (`input_ids`, `completion_mask`) in the student's prompt format."""
+    return [prompting.encode_example(tokenizer, prompting.task_messages(task, row.question,
+                                                                        system), row.target)
+            for row in rows]
 
 
 def hf_dataset(records: list[dict[str, Any]]) -> Any:

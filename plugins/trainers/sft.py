@@ -1,7 +1,8 @@
 """Full-weight SFT (trl SFTTrainer): the student learns prompt → target, loss on the target only.
 
-`SFTRecipe` holds the flow LoRA-SFT shares: validate params, load the model, build the
-prompt/completion dataset, configure trl, train with the Stratos callback, save the result.
+`SFTRecipe` holds the flow LoRA-SFT shares: validate params, load the model, tokenize the rows
+in the student's prompt format (`plugins.models.prompting`: its chat template, else plain),
+configure trl, train with the Stratos callback, save the result.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import structlog
 
 from plugins.trainers import callbacks, common, corpus, hparams
 from stratosd import hookimpl
-from stratosd.api import TrainContext, Trainer
+from stratosd.api import DataRow, TrainContext, Trainer
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -48,17 +49,20 @@ class SFTRecipe(Trainer):
         cuda = common.cuda_available()
         n_params = common.param_count_of(model)
         params = hparams.resolve_params(self.name, n_params, ctx.params, self.allowed(), cuda=cuda)
-        records = corpus.sft_records(rows, ctx.task, tokenizer.eos_token)
-        dataset = corpus.hf_dataset(records)
+        dataset = self.dataset(rows, ctx, tokenizer)
         trainer, callback = self.build(model, tokenizer, dataset, params, ctx, cuda=cuda)
         log.info("training_started", trainer=self.name, model=ctx.model, rows=len(rows),
                  params_m=round(n_params / 1e6, 3), resume=str(ctx.resume_from or ""))
         metrics = common.run_hf_trainer(trainer, ctx, callback, self.name,
                                         threads=int(params["cpu_threads"]))
         metrics.update(params_m=round(n_params / 1e6, 3), rows=len(rows),
-                       hyperparams=params)
+                       hyperparams=params, prompt_format=prompt_format(tokenizer))
         self.save(trainer, tokenizer, ctx, metrics)
         return metrics
+
+    def dataset(self, rows: list[DataRow], ctx: TrainContext, tokenizer: Any) -> Any:
+        """The tokenized rows in the student's own prompt format, as it is served (prompting)."""
+        return corpus.hf_dataset(corpus.sft_examples(rows, ctx.task, tokenizer))
 
     def build(self, model: Any, tokenizer: Any, dataset: Any, params: dict[str, Any],
               ctx: TrainContext, *, cuda: bool) -> tuple[Any, Any]:
@@ -92,6 +96,13 @@ class SFTRecipe(Trainer):
         trainer.save_model(str(ctx.out_dir))
         tokenizer.save_pretrained(str(ctx.out_dir))
         common.write_train_card(ctx.out_dir, ctx, self.output_kind, metrics, self.model_seed)
+
+
+def prompt_format(tokenizer: Any) -> str:
+    """The examples' prompt format: "chat" (the tokenizer's chat template) or "plain"."""
+    from plugins.models.prompting import has_chat_template
+
+    return "chat" if has_chat_template(tokenizer) else "plain"
 
 
 class FullSFTTrainer(SFTRecipe):

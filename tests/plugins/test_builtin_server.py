@@ -179,3 +179,64 @@ def test_stop_ends_keep_alive_connections(tiny_path: str) -> None:
         srv.stop()
         with pytest.raises(httpx.TransportError):
             http.get(srv.url + "/models", timeout=5)
+
+
+# --- BPE students with real chat templates ------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["config:qwen2-tiny", "config:llama3-tiny"])
+def bpe_server(request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenAIServer]:
+    path = hf.resolve_model(request.param, cache_dir=tmp_path_factory.mktemp("bpe"))
+    srv = OpenAIServer(path, served_name="tiny", max_new_tokens_cap=32)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_bpe_chat_is_the_chat_template_rendering(bpe_server: OpenAIServer) -> None:
+    from plugins.models import prompting
+
+    client = openai.OpenAI(base_url=bpe_server.url, api_key="unused", max_retries=0)
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is 2+2?\nThink step by step."}]
+    resp = client.chat.completions.create(model="tiny", messages=messages,  # type: ignore[arg-type]
+                                          max_tokens=12, extra_body={"return_token_ids": True})
+    expected = prompting.generate_chat(bpe_server.model, bpe_server.tokenizer, [messages],
+                                       max_new_tokens=12)[0]
+    raw = resp.model_dump()
+    assert raw["prompt_token_ids"] == expected.prompt_token_ids
+    assert raw["choices"][0]["token_ids"] == expected.token_ids
+    assert resp.choices[0].message.content == expected.text
+    assert resp.usage is not None and resp.usage.prompt_tokens == len(expected.prompt_token_ids)
+    tok = bpe_server.tokenizer
+    rendered = tok.decode(expected.prompt_token_ids)
+    assert rendered == tok.apply_chat_template(messages, tokenize=False,
+                                               add_generation_prompt=True)
+
+
+def test_bpe_streaming_matches_non_streaming(bpe_server: OpenAIServer) -> None:
+    client = openai.OpenAI(base_url=bpe_server.url, api_key="unused", max_retries=0)
+    msgs = [{"role": "user", "content": "Hello there"}]
+    full = client.chat.completions.create(model="tiny", messages=msgs,  # type: ignore[arg-type]
+                                          max_tokens=16)
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=16, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage is not None and full.usage is not None
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_bpe_completions_take_the_tokenizer_special_tokens(bpe_server: OpenAIServer) -> None:
+    body = {"model": "tiny", "prompt": ["Hello", "Hi there"], "max_tokens": 3,
+            "return_token_ids": True}
+    choices = httpx.post(bpe_server.url + "/completions", json=body).json()["choices"]
+    tok = bpe_server.tokenizer
+    assert [c["prompt_token_ids"] for c in choices] == [
+        tok(p)["input_ids"] for p in body["prompt"]]  # Llama-3: BOS once; Qwen2: none
+    assert all(1 <= len(c["token_ids"]) <= 3 for c in choices)

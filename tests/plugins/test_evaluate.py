@@ -115,6 +115,22 @@ def test_endpoint_generator_matches_local_generation(tiny: str) -> None:
     assert remote.prompt_tokens == local.prompt_tokens
 
 
+@pytest.mark.parametrize("ref", ["config:qwen2-tiny", "config:llama3-tiny-tied"])
+def test_endpoint_and_local_agree_for_chat_template_students(ref: str) -> None:
+    task = LastWordTask()
+    examples = task.examples("test")[:4]
+    path = hf.resolve_model(ref)
+    local = evaluate(task, examples, local_generator(path, max_new_tokens=6))
+    with OpenAIServer(path, served_name="student") as srv:
+        remote = evaluate(task, examples, endpoint_generator(srv.url, "student", 6,
+                                                             concurrency=2))
+    assert remote.errors == 0
+    assert [r.output for r in remote.records] == [r.output for r in local.records]
+    # The same rendered prompt on both sides (the chat template, Llama-3's BOS once).
+    assert remote.prompt_tokens == local.prompt_tokens > 0
+    assert remote.completion_tokens == local.completion_tokens
+
+
 def test_endpoint_failures_count_as_errors(tiny: str) -> None:
     task = LastWordTask()
     with OpenAIServer(tiny, served_name="tiny", faults={500: 1.0}) as srv:

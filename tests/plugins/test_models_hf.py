@@ -158,3 +158,13 @@ def test_unknown_hub_id_offline_is_a_clear_config_error(monkeypatch: pytest.Monk
 def test_missing_local_path_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         hf.resolve_model("./no/such/dir")
+
+
+def test_bpe_config_model_stops_at_the_end_of_turn_token() -> None:
+    model, tok = hf.load_model("config:qwen2-tiny")
+    eos = hf.eos_token_ids(model, tok)
+    assert eos[0] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.convert_tokens_to_ids("<|endoftext|>") in eos
+    out = hf.generate_batch(model, tok, ["Hello", "A longer prompt"], max_new_tokens=4)
+    assert [len(g.prompt_token_ids) for g in out] == [g.prompt_tokens for g in out]
+    assert out[0].prompt_token_ids == tok("Hello")["input_ids"]  # padding left out

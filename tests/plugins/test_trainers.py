@@ -54,14 +54,15 @@ def write_rows(path: Path, task: TaskPack, examples: list[Example]) -> Path:
 def accuracy(ref: str, task: TaskPack, examples: list[Example]) -> float:
     import torch
 
-    from plugins.models.hf import generate_batch, load_model
+    from plugins.models.hf import load_model
+    from plugins.models.prompting import generate_chat, task_messages
 
     model, tok = load_model(ref)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: threads only add contention
-    try:
-        outs = generate_batch(model, tok, [task.prompt(e.question) for e in examples],
-                              max_new_tokens=4)
+    try:  # in the student's prompt format, as served (plain prompt for config:tiny)
+        outs = generate_chat(model, tok, [task_messages(task, e.question) for e in examples],
+                             max_new_tokens=4)
     finally:
         torch.set_num_threads(threads)
     return sum(task.score(task.extract(o.text), e.answer)
@@ -69,8 +70,8 @@ def accuracy(ref: str, task: TaskPack, examples: list[Example]) -> float:
 
 
 def ctx_for(tmp_path: Path, data: Path, task: TaskPack | None, params: dict[str, Any],
-            **kw: Any) -> TrainContext:
-    return TrainContext(model="config:tiny", train_file=data, out_dir=tmp_path / "out",
+            model: str = "config:tiny", **kw: Any) -> TrainContext:
+    return TrainContext(model=model, train_file=data, out_dir=tmp_path / "out",
                         checkpoint_dir=tmp_path / "ckpt", params=params, task=task, **kw)
 
 
@@ -179,20 +180,22 @@ def test_train_step_unknown_trainer_names_the_field(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_full_sft_learns_addition(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("model", "steps"), [("config:tiny", 100), ("config:qwen2-tiny", 150)])
+def test_full_sft_learns_addition(tmp_path: Path, model: str, steps: int) -> None:
     task = AddTask()
     examples = task.examples("train")
     data = write_rows(tmp_path / "data.jsonl", task, examples)
-    before = accuracy("config:tiny", task, examples)
+    before = accuracy(model, task, examples)
     cls = get_plugins().trainers.get("full-sft")
     metrics = cls().train(ctx_for(tmp_path, data, task, {
-        "max_steps": 100, "learning_rate": 3e-3, "per_device_train_batch_size": 16,
-        "save_steps": 1000}, seed=0))
+        "max_steps": steps, "learning_rate": 3e-3, "per_device_train_batch_size": 16,
+        "save_steps": 1000}, model=model, seed=0))
+    assert metrics["prompt_format"] == "chat"  # config:tiny's template is contents verbatim
     after = accuracy(str(tmp_path / "out"), task, examples)
     assert metrics["final_loss"] < metrics["first_loss"] * 0.5
     assert after >= before + 0.3, (before, after)
     # One wall time per step, and together they are the timed training window.
-    assert len(metrics["step_times_s"]) == 100
+    assert len(metrics["step_times_s"]) == steps
     assert sum(metrics["step_times_s"]) == pytest.approx(metrics["train_time_s"], rel=0.01)
     assert min(metrics["step_times_s"]) <= metrics["step_time_median_s"]
 
@@ -244,7 +247,8 @@ def test_grpo_trains_with_task_reward(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_step_on_mahjong_writes_model_and_events(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["config:tiny", "config:llama3-tiny-tied"])
+def test_train_step_on_mahjong_writes_model_and_events(tmp_path: Path, model: str) -> None:
     from agents.steps import train
 
     spec = {"name": "mahjong-winning-tiles", "params": {"difficulty": 1, "n_train": 24,
@@ -253,7 +257,7 @@ def test_train_step_on_mahjong_writes_model_and_events(tmp_path: Path) -> None:
     data = write_rows(tmp_path / "dataset.jsonl", task, task.examples("train"))
     ctx = StepContext(job_id="j1", run_id="r1", step="train", workdir=tmp_path / "w",
                       inputs={"dataset": data}, min_interval_s=0.0,
-                      args={"model": "config:tiny", "trainer": "lora-sft", "task": spec,
+                      args={"model": model, "trainer": "lora-sft", "task": spec,
                             "params": {"max_steps": 6, "save_steps": 3}, "seed": 1})
     result = train.run(ctx)
     for key in ("final_loss", "first_loss", "steps", "train_time_s", "tokens_per_s",
@@ -266,4 +270,4 @@ def test_train_step_on_mahjong_writes_model_and_events(tmp_path: Path) -> None:
     assert kinds.count("checkpoint") == 2 and "progress" in kinds
     assert (ctx.output("model") / "adapter_config.json").is_file()
     card = json.loads((ctx.output("model") / "stratos_train.json").read_text())
-    assert card["base_model"] == "config:tiny" and card["kind"] == "adapter"
+    assert card["base_model"] == model and card["kind"] == "adapter"
