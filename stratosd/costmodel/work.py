@@ -70,6 +70,9 @@ def _count(cfg: Mapping[str, Any]) -> Shape:
     inter = int(cfg.get("intermediate_size") or 4 * h)
     q = heads * head_dim
     block = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h
+    arch = " ".join([str(cfg.get("model_type") or ""), *map(str, cfg.get("architectures") or [])])
+    if cfg.get("attention_bias", "qwen2" in arch.lower()):  # Qwen2: q, k and v carry biases
+        block += q + 2 * kv
     tied = bool(cfg.get("tie_word_embeddings", False))
     params = vocab * h * (1 if tied else 2) + layers * block + h
     return Shape(params=float(params), hidden=h, layers=layers, vocab=vocab,
@@ -80,9 +83,14 @@ def model_shape(ref: str) -> Shape:
     """The shape of a model ref without loading it (no torch)."""
     if ref.startswith("config:"):
         from plugins.models.hf import model_config_dict, parse_config_ref
+        from plugins.models.tiny import model_spec
 
         name, overrides = parse_config_ref(ref)
-        s = _count(model_config_dict(name, overrides))
+        spec = model_spec(name)
+        s = _count({"model_type": spec.arch, **model_config_dict(name, overrides)})
+        if spec.bpe:
+            return Shape(s.params, s.hidden, s.layers, s.vocab, BPE_TOKENS_PER_CHAR,
+                         f"{ref} config (byte-level BPE tokenizer)")
         return Shape(s.params, s.hidden, s.layers, s.vocab, CHAR_TOKENS_PER_CHAR,
                      f"{ref} config (char-level tokenizer)")
     path = Path(ref).expanduser()

@@ -43,16 +43,19 @@ def spec(**over: Any) -> RunSpec:
 
 def test_student_size_from_config_matches_the_real_model() -> None:
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    from plugins.models.hf import model_config_dict, parse_config_ref
+    from plugins.models.tiny import config_class, model_config_dict, parse_config_ref
 
-    for ref in ("config:tiny", "config:small", "config:base"):
+    for ref in ("config:tiny", "config:small", "config:base", "config:qwen2-tiny",
+                "config:qwen2-small-tied", "config:llama3-tiny", "config:llama3-base-tied"):
         name, over = parse_config_ref(ref)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(LlamaConfig(**model_config_dict(name, over)))
+            model = AutoModelForCausalLM.from_config(
+                config_class(name)(**model_config_dict(name, over)))
         real = sum(p.numel() for p in model.parameters())
-        assert model_shape(ref).params == real
+        assert model_shape(ref).params == real, ref
+    assert model_shape("config:qwen2-tiny").tokens_per_char < 1.0  # BPE, not char-level
 
 
 def test_student_size_from_a_local_dir_and_from_a_hub_name(tmp_path: Path) -> None:
