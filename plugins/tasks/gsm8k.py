@@ -1,108 +1,34 @@
 """GSM8K-format math: user JSONL (`question`, `answer` ending in `#### N`) or synthetic problems.
 
 The gold answer is the number after `####`. The reference reasoner replays a known worked
-solution; the verifier recomputes every `a op b = c` equation and checks the final value.
+solution; the verifier (plugins.tasks.gsm8k_verifier) recomputes the equations a reasoning
+states and checks that it ends on the answer.
 """
 
 from __future__ import annotations
 
-import ast
-import operator
 import random
 import re
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
 from plugins.tasks.base import DataFiles, Param, data_issues, validate_params
+from plugins.tasks.gsm8k_numbers import canonical_number, extract_number
+from plugins.tasks.gsm8k_verifier import check_equations, resolve_annotations, verify_reasoning
 from stratosd import hookimpl
 from stratosd.api import DataIssue, Example, Split, TaskPack
 from stratosd.errors import ConfigError
 
-_NUM = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-# A number in prose: optional attached minus sign and `$`, thousands commas, decimals.
-NUMBER_RE = re.compile(rf"(?<![\d.,])(-)?\$?\s?({_NUM})")
-_CALC_RE = re.compile(r"<<[^<>]*>>")
-_MARKER_RE = re.compile(r"\\boxed\{([^{}]*)\}|answer\s*(?:is)?\s*:|####", re.IGNORECASE)
-_OPERAND = rf"\(*\s*-?\$?{_NUM}%?\s*\)*"
-EQUATION_RE = re.compile(
-    rf"(?<![\w.,])({_OPERAND}(?:\s*[-+*/×÷x]\s*{_OPERAND})+)\s*=\s*(-?\$?{_NUM})"
-)
-_OPS: dict[type, Any] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-}
-
-
-# --- numbers --------------------------------------------------------------------------
-
-
-def canonical_number(text: str | None) -> str | None:
-    """`1234.5` for `$1,234.50`; None when text holds no number."""
-    if text is None:
-        return None
-    m = NUMBER_RE.search(text)
-    if m is None:
-        return None
-    try:
-        d = Decimal((m.group(1) or "") + m.group(2).replace(",", ""))
-    except InvalidOperation:
-        return None
-    if d == d.to_integral_value():
-        return str(int(d))
-    return format(d.normalize(), "f")
-
-
-def extract_number(output: str) -> str | None:
-    """The answer number: after the last marker (`\\boxed{}`, `Answer:`, `####`) that has
-    one, else the last number in the text; canonical form, None when there is none."""
-    for m in reversed(list(_MARKER_RE.finditer(output))):
-        segment = m.group(1) if m.group(1) is not None else output[m.end() :].split("\n", 1)[0]
-        if "=" in segment:  # `Answer: 5 + 3 = 8` means the value after the last `=`
-            segment = segment.rsplit("=", 1)[1]
-        value = canonical_number(segment)
-        if value is not None:
-            return value
-    numbers = list(NUMBER_RE.finditer(_CALC_RE.sub("", output)))
-    return canonical_number(numbers[-1].group(0)) if numbers else None
-
-
-def _eval(node: ast.AST) -> Decimal:
-    if isinstance(node, ast.Expression):
-        return _eval(node.body)
-    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-        return Decimal(str(node.value))
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-        v = _eval(node.operand)
-        return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        result: Decimal = _OPS[type(node.op)](_eval(node.left), _eval(node.right))
-        return result
-    raise ValueError("not arithmetic")
-
-
-def check_equations(reasoning: str) -> tuple[int, bool]:
-    """(number of `a op b = c` equations found, whether all of them are right)."""
-    text = _CALC_RE.sub("", reasoning)
-    found = 0
-    for m in EQUATION_RE.finditer(text):
-        lhs = m.group(1).replace(",", "").replace("$", "").replace("×", "*").replace("÷", "/")
-        lhs = re.sub(r"(\d)\s*x\s*(?=[\d(])", r"\1*", lhs)
-        lhs = re.sub(r"(\d+(?:\.\d+)?)%", r"(\1/100)", lhs)
-        rhs_text = m.group(2).replace(",", "").replace("$", "")
-        try:
-            value = _eval(ast.parse(lhs.strip(), mode="eval"))
-        except (SyntaxError, ValueError, ZeroDivisionError, ArithmeticError):
-            return found, False
-        rhs = Decimal(rhs_text)
-        decimals = len(rhs_text.split(".")[1]) if "." in rhs_text else 0
-        # Accept a result rounded to the precision it is written with (10/3 = 3.33).
-        if abs(value - rhs) > Decimal(5) * Decimal(10) ** (-decimals - 1) + Decimal("1e-9"):
-            return found + 1, False
-        found += 1
-    return found, True
+__all__ = [
+    "Gsm8kTask",
+    "canonical_number",
+    "check_equations",
+    "extract_number",
+    "gsm8k_answer_field",
+    "solution_text",
+    "synthetic_problem",
+    "verify_reasoning",
+]
 
 
 # --- synthetic word problems ------------------------------------------------------------
@@ -173,9 +99,9 @@ def gsm8k_answer_field(lines: list[str], answer: int) -> str:
 
 
 def solution_text(answer_field: str) -> str:
-    """A GSM8K answer field without annotations and without the `####` line."""
+    """A GSM8K answer field without annotations (see resolve_annotations) and `####` line."""
     body = answer_field.rsplit("####", 1)[0]
-    return "\n".join(line.rstrip() for line in _CALC_RE.sub("", body).strip().splitlines())
+    return "\n".join(line.rstrip() for line in resolve_annotations(body).strip().splitlines())
 
 
 # --- the task pack ------------------------------------------------------------------------
@@ -320,12 +246,8 @@ class Gsm8kTask(TaskPack):
         return known[1]
 
     def verify(self, question: str, reasoning: str, answer: str) -> bool | None:
-        """Every equation in the reasoning is right and its final value is the answer."""
-        found, ok = check_equations(reasoning)
-        if not ok or found == 0:
-            return False
-        final = extract_number(reasoning)
-        return final is not None and final == canonical_number(answer)
+        """Every equation in the reasoning is right and it ends on the answer."""
+        return verify_reasoning(reasoning, answer)[0]
 
 
 @hookimpl

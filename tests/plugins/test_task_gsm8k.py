@@ -1,14 +1,30 @@
-"""GSM8K task pack: file loading, bad rows, numeric extraction, synthetic generator, verifier."""
+"""GSM8K task pack: file loading, bad rows, numeric extraction, synthetic generator, verifier
+(on the shipped GSM8K-style reference solutions and on targeted cases)."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
-from plugins.tasks.gsm8k import Gsm8kTask, canonical_number, check_equations, extract_number
+from plugins.tasks.data import GSM8K_STYLE, GSM8K_STYLE_WRONG, read_rows
+from plugins.tasks.gsm8k import (
+    Gsm8kTask,
+    canonical_number,
+    check_equations,
+    extract_number,
+    solution_text,
+    verify_reasoning,
+)
+from plugins.tasks.gsm8k_verifier import (
+    check_reasoning,
+    resolve_annotations,
+    with_a_wrong_result,
+)
 from stratosd.errors import ConfigError
 from stratosd.plugins import Plugins, make_plugin_manager
 
@@ -227,3 +243,197 @@ def test_discoverable() -> None:
     plugins = Plugins(make_plugin_manager(TASK_MODULES, autoload=False))
     task = plugins.task("gsm8k", {"synthetic": True, "n_train": 2, "n_test": 2})
     assert isinstance(task, Gsm8kTask) and len(task.examples("train")) == 2
+
+
+# --- the verifier on GSM8K-style reference solutions -------------------------------------
+
+GOOD_ROWS = read_rows(GSM8K_STYLE)
+WRONG_ROWS = read_rows(GSM8K_STYLE_WRONG)
+
+
+def gold_of(answer_field: str) -> str:
+    gold = canonical_number(answer_field.rsplit("####", 1)[1])
+    assert gold is not None
+    return gold
+
+
+def test_fixture_says_where_it_comes_from_and_loads_as_a_task() -> None:
+    for rows in (GOOD_ROWS, WRONG_ROWS):
+        assert "None of these problems or solutions is taken from GSM8K" in rows[0]["about"]
+    assert len(GOOD_ROWS) >= 150 and len(WRONG_ROWS) >= 50
+    assert {r["error"] for r in WRONG_ROWS} == {"arithmetic", "final"}
+    task = Gsm8kTask({"path": str(GSM8K_STYLE)})
+    assert task.check_data() == []
+    examples = task.examples("train") + task.examples("test")
+    assert len(examples) == len(GOOD_ROWS)
+    for ex in examples:  # the pipeline's path: reference reasoning, then the verifier
+        reasoning = task.reference_reasoning(ex.question, ex.answer)
+        assert reasoning is not None and "<<" not in reasoning
+        assert task.verify(ex.question, reasoning, ex.answer) is True, reasoning
+
+
+@pytest.mark.parametrize("form", ["solution", "raw"])
+def test_false_rejection_at_most_one_percent(form: str) -> None:
+    rejected = []
+    for row in GOOD_ROWS:
+        text = solution_text(row["answer"]) if form == "solution" else row["answer"]
+        ok, why = verify_reasoning(text, gold_of(row["answer"]))
+        if not ok:
+            rejected.append((why, text))
+    assert len(rejected) * 100 <= len(GOOD_ROWS), rejected
+
+
+@pytest.mark.parametrize("form", ["solution", "raw"])
+def test_every_wrong_solution_rejected(form: str) -> None:
+    for row in WRONG_ROWS:
+        text = solution_text(row["answer"]) if form == "solution" else row["answer"]
+        ok, why = verify_reasoning(text, gold_of(row["answer"]))
+        assert not ok, (row["note"], text)
+        expected = "wrong arithmetic" if row["error"] == "arithmetic" else "ends on|states"
+        assert re.search(expected, why), (row["note"], why)
+
+
+def test_injected_errors_rejected() -> None:
+    """Every result of every fixture solution made wrong by one, one at a time."""
+    lines = missed = 0
+    for row in GOOD_ROWS:
+        answer, gold = row["answer"], gold_of(row["answer"])
+        assert not verify_reasoning(solution_text(answer), str(Fraction(gold) + 1))[0]
+        for mutated in with_a_wrong_result(answer):
+            assert not verify_reasoning(mutated, gold)[0], mutated  # annotations are checked
+            lines += 1
+            missed += verify_reasoning(solution_text(mutated), gold)[0]
+    # Without annotations a line like "twice as many as 12 = 25" cannot be recomputed.
+    assert lines > 400 and missed * 100 <= lines
+
+
+@pytest.mark.parametrize(
+    "reasoning",
+    [
+        "The farmer has 4 * 20 sheep = 80 sheep.",  # units between the numbers and `=`
+        "Charleston has 4 * 20 sheep = 80 sheep\nIn all 20 sheep + 80 sheep = 100 sheep",
+        "She answered 12/20 x 100% = 60% of them.",  # percent on both sides
+        "She answered 12/20 x 100 = 60%.",
+        "The discount is 25% of $80 = $20.",
+        "The tank has 40% x 500 = 200 liters.",
+        "It costs $200 - 20% = $160.",  # a relative percent
+        "She keeps 100% - 35% = 65% of them.",
+        "3/4 = 75% of the cake.",
+        "He used 3/5 * 200 = 120 pounds.",  # fractions
+        "She gave 1/3 of 60 = 20 stamps.",
+        "Together they paint 1/6 + 1/3 = 1/2 of the fence.",
+        "She needs 2 1/2 * 4 = 10 cups.",  # a mixed number
+        "She has $1,250.75 + $349.25 = $1,600.",  # currency, thousands separators
+        "It made 1,250,000 x 8% = 100,000 more.",
+        "The total is 48 ÷ 2 = 24.",  # ÷ × x *
+        "The box holds 4 × 3 = 12.",
+        "The crate holds 12 x 2 = 24 and 12x2=24 again.",
+        "The fence is 2 * (12 + 8) = 40 meters.",  # parentheses
+        "It was 5 - 12 = -7 degrees.",  # negative numbers
+        "Its total profit was -2,500 + 4,100 = 1,600.",
+        "He drinks 8 * 0.25 = 2 liters, or 18*.5 = 9.00 dollars.",  # decimals
+        "2 hours is 2 * 60 = 120 minutes.",  # times
+        "The trip takes 1/2 hour = 30 minutes.",
+        "She is done at 18 - 8 = 10:00 am.",
+        "The ratio 3:2 has 3 + 2 = 5 parts.",  # ratios
+        "He pays $10/hour * 5 hours = $50.",  # rates
+        "She buys 5 * 4 = 20 + 3 = 23 pens.",  # a running total
+        "Let S be the cost. S + 143 = 200 - 16 = 184.",  # an equation in an unknown
+        "She saves 3 times 4 = 12 and 10 minus 3 = 7.",  # operator words
+        "She needs 350 / 48 = 7.29 buses, so 8 buses.",  # rounding up
+        "10 / 3 = 3.33 each.",
+    ],
+)
+def test_accepts_real_reasoning(reasoning: str) -> None:
+    found, ok = check_equations(reasoning)
+    assert found >= 1 and ok, check_reasoning(reasoning)
+
+
+@pytest.mark.parametrize(
+    "reasoning",
+    [
+        "The farmer has 4 * 20 sheep = 90 sheep.",
+        "She answered 12/20 x 100% = 65% of them.",
+        "The discount is 25% of $80 = $25.",
+        "It costs $200 - 20% = $150.",
+        "She keeps 100% - 35% = 75% of them.",
+        "He used 3/5 * 200 = 100 pounds.",
+        "She gave 1/3 of 60 = 30 stamps.",
+        "She needs 2 1/2 * 4 = 8 cups.",
+        "She has $1,250.75 + $349.25 = $1,700.",
+        "The total is 48 ÷ 2 = 25.",
+        "The box holds 4 × 3 = 13.",
+        "The crate holds 12x2=25.",
+        "The fence is 2 * (12 + 8) = 32 meters.",
+        "It was 5 - 12 = -8 degrees.",
+        "He drinks 8 * 0.25 = 2.5 liters.",
+        "2 hours is 2 * 60 = 100 minutes.",
+        "She buys 5 * 4 = 20 + 3 = 24 pens.",
+        "She saves 3 times 4 = 13.",
+        "45/60 = 0.6 hours",
+        "1.5 * 2 = 2.5 hours",
+        "150 - 2% = 148 pounds",
+    ],
+)
+def test_rejects_wrong_arithmetic(reasoning: str) -> None:
+    assert check_equations(reasoning)[1] is False
+
+
+@pytest.mark.parametrize(
+    ("reasoning", "answer", "accepted"),
+    [
+        ("48/2 = 24 clips.\n48 + 24 = 72 clips in all.", "72", True),
+        ("48/2 = 24 clips.\n48 + 24 = 72 clips in all.", "24", False),  # stopped early
+        ("48/2 = 24 clips.\n48 + 24 = 72 clips in all.", "70", False),
+        ("He pays 20*5 = $100 for 5 shirts.", "100", True),  # numbers after the result
+        ("He pays 20*5 = $100 for 5 shirts.", "5", False),
+        ("6 + 6 = 12 apples.\nSo she has twelve apples.", "12", True),  # stated in words
+        ("6 + 6 = 12 apples.\nSo she has eleven apples.", "11", False),
+        ("48 + 24 = 72\n#### 72", "72", True),  # a GSM8K final line
+        ("48 + 24 = 72\n#### 70", "70", False),
+        ("48 + 24 = 72\n\\boxed{72}", "72", True),
+        ("48 + 24 = 72\nThe answer is \\boxed{70}.", "70", False),
+        ("48 + 24 = 72\nThe answer is 72.", "72", True),
+        ("She sold 48+24 = <<48+24=72>>72 clips.\n#### 72", "72", True),  # raw GSM8K
+        ("She sold 48+24 = <<48+24=70>>70 clips.\n#### 70", "70", False),
+        ("She gets <<3*4=12>>12 a day.", "12", True),  # only the annotation computes
+        ("She gets <<3*4=13>>13 a day.", "13", False),
+        ("2 * 60 = 120 minutes.\nSo it is 2 hours.", "2", True),  # restated in a unit
+        ("350 / 48 = 7.29, so 8 buses are needed.", "8", True),
+        ("350 / 48 = 7.29, so 9 buses are needed.", "9", False),
+        ("It takes 400 / 25 = 16 weeks.\nShe saves $25 a week.", "25", False),  # copied
+        ("4200 cents, which is 1800 + 2400 = 4200 cents, or $42.", "42", True),
+        ("Answer: 72", "72", False),  # nothing to check
+        ("7 + 7 = 15\nSo 14.", "14", False),
+    ],
+)
+def test_final_answer(reasoning: str, answer: str, accepted: bool) -> None:
+    ok, why = verify_reasoning(reasoning, answer)
+    assert ok is accepted, why
+
+
+def test_resolve_annotations_keeps_unshown_computations() -> None:
+    assert resolve_annotations("He gets <<3*4=12>>12 a day") == "He gets 3*4 = 12 a day"
+    assert resolve_annotations("So 12 x 2 = <<12*2=24>>24 pages") == "So 12 x 2 = 24 pages"
+    assert resolve_annotations("She earns $<<12/60=0.2>>0.2 a minute") == (
+        "She earns 12/60 = $0.2 a minute"
+    )
+    assert resolve_annotations("spent S + <<+30+46=76>>76") == "spent S + 76"
+    assert solution_text("Weng earns 12/60 = $<<12/60=0.2>>0.2.\n#### 10") == (
+        "Weng earns 12/60 = $0.2."
+    )
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("Answer: twelve", "12"),
+        ("Answer: one hundred and twenty-five", "125"),
+        ("The answer is 72.", "72"),
+        ("\\boxed{\\frac{3}{4}}", "0.75"),
+        ("\\boxed{\\$1,200.50}", "1200.5"),
+        ("#### 2,520,000", "2520000"),
+    ],
+)
+def test_extract_more_forms(output: str, expected: str) -> None:
+    assert extract_number(output) == expected
