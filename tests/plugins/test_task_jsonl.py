@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import structlog
 
 from plugins.tasks.base import (
     Param,
@@ -93,8 +94,10 @@ def test_malformed_row_with_relative_path(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_renamed_field_missing(tmp_path: Path) -> None:
     path = write(tmp_path / "qa.jsonl", capitals(3))
-    with pytest.raises(ConfigError, match='line 1: field "question" is missing'):
+    with pytest.raises(ConfigError, match=r"line 1: row fits no known format \(fields: a, q\)"):
         JsonlQaTask({"path": str(path)}).examples("train")
+    with pytest.raises(ConfigError, match='line 1: field "question" is missing'):
+        JsonlQaTask({"path": str(path), "format": "qa"}).examples("train")
 
 
 def test_empty_file(tmp_path: Path) -> None:
@@ -143,14 +146,19 @@ def test_check_data_reports_malformed(tmp_path: Path) -> None:
     ],
 )
 def test_extract_default(output: str, expected: str | None) -> None:
-    task = JsonlQaTask({"path": "unused.jsonl"})
+    task = JsonlQaTask({"path": "unused.jsonl", "answer_span": "line"})
     assert task.extract(output) == expected
 
 
 def test_extract_regex_and_match_modes() -> None:
-    task = JsonlQaTask({"path": "x.jsonl", "extract_regex": r"<ans>(.*?)</ans>"})
+    task = JsonlQaTask(
+        {"path": "x.jsonl", "extract_regex": r"<ans>(.*?)</ans>", "answer_span": "line"}
+    )
     assert task.extract("<ans>a</ans> then <ans> B </ans>") == "B"
-    assert task.extract("Answer: b") is None
+    assert task.extract("<ans> </ans>") is None
+    # no regex match: the `Answer:` line a Stratos-trained student writes (format_target)
+    assert task.extract("Answer: b") == "b"
+    assert task.extract(task.format_target("why", "Paris")) == "Paris"
     assert task.score("  paris. ", "Paris") == 1.0
     assert task.score("Par is", "Paris") == 0.0
     exact = JsonlQaTask({"path": "x.jsonl", "match": "exact"})
@@ -200,3 +208,66 @@ def test_discoverable() -> None:
     plugins = Plugins(make_plugin_manager(autoload=False))
     assert {"jsonl-qa", "gsm8k", "mahjong-winning-tiles"} <= set(plugins.tasks.names())
     assert isinstance(plugins.task("jsonl-qa", {"path": "x.jsonl"}), JsonlQaTask)
+
+
+def test_answer_span_auto_follows_the_gold_answers(tmp_path: Path) -> None:
+    one_line = write(tmp_path / "one.jsonl", capitals(4))
+    task = JsonlQaTask({"path": str(one_line), "question_field": "q", "answer_field": "a"})
+    assert task.extract("Answer: City 1\nQuestion: next?") == "City 1"
+    assert task.answer_span() == "line"
+    poem = {"question": "A two-line poem?", "answer": "Roses are red,\nviolets are blue."}
+    multi = write(tmp_path / "multi.jsonl", [poem, {"question": "Q?", "answer": "A"}])
+    task = JsonlQaTask({"path": str(multi), "test_fraction": 0.5})
+    output = task.format_target("I know this one.", poem["answer"])
+    assert task.extract(output) == poem["answer"]
+    assert task.answer_span() == "rest"
+    forced = JsonlQaTask({"path": str(multi), "answer_span": "line"})
+    assert forced.extract(output) == "Roses are red,"
+    with pytest.raises(ConfigError, match="no such file"):
+        JsonlQaTask({"path": str(tmp_path / "none.jsonl")}).extract("Answer: x")
+
+
+def test_skip_bad_rows_counts_logs_and_reports(tmp_path: Path) -> None:
+    rows: list[object] = [
+        {"question": "a", "answer": "b"},
+        {"question": "c"},
+        "[1, 2]",
+        {"question": "e", "answer": ""},
+        {"question": "f", "answer": "g"},
+    ]
+    path = write(tmp_path / "qa.jsonl", rows)
+    with pytest.raises(ConfigError, match='line 2: field "answer" is missing'):
+        JsonlQaTask({"path": str(path)}).examples("train")
+    task = JsonlQaTask({"path": str(path), "on_bad_row": "skip", "test_fraction": 0.5})
+    with structlog.testing.capture_logs() as logs:
+        ids = sorted(ex.id for split in ("train", "test") for ex in task.examples(split))
+    assert [i.rsplit("-", 1)[1] for i in ids] == ["1", "5"]
+    stats = task.stats()
+    assert (stats.rows, stats.skipped) == (2, 3)
+    assert stats.sources[0].format == "qa"
+    assert [b.split(": ", 1)[0] for b in stats.sources[0].bad] == [
+        f"{path} line 2", f"{path} line 3", f"{path} line 4"]
+    warned = [e for e in logs if e["event"] == "task_rows_skipped"]
+    assert len(warned) == 1 and warned[0]["skipped"] == 3
+    assert warned[0]["log_level"] == "warning"
+    issues = task.check_data()
+    assert [i.kind for i in issues] == ["malformed"]
+    assert "3 bad row(s) skipped" in issues[0].message and "line 2" in issues[0].message
+
+
+def test_all_rows_bad_is_an_error_even_when_skipping(tmp_path: Path) -> None:
+    path = write(tmp_path / "qa.jsonl", [{"question": "c"}, "{oops"])
+    with pytest.raises(ConfigError, match="no rows .* all 2 rows were bad") as info:
+        JsonlQaTask({"path": str(path), "on_bad_row": "skip"}).examples("train")
+    assert 'line 1: field "answer" is missing' in info.value.message
+
+
+def test_numbers_and_unicode_in_qa_rows(tmp_path: Path) -> None:
+    rows = [{"question": "Wie heißt die Hauptstadt von Österreich?", "answer": "Wien"},
+            {"question": "√16 = ?", "answer": 4},
+            {"question": "日本の首都は？", "answer": "東京"}]
+    path = write(tmp_path / "qa.jsonl", rows)
+    task = JsonlQaTask({"path": str(path), "test_fraction": 0.34, "match": "exact"})
+    answers = sorted(ex.answer for split in ("train", "test") for ex in task.examples(split))
+    assert answers == ["4", "Wien", "東京"]
+    assert task.score(task.extract("…\nAnswer: 東京"), "東京") == 1.0
