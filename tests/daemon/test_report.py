@@ -14,10 +14,10 @@ from schemas.base import to_builtins
 from schemas.commands import RunInfo
 from schemas.costs import JobEstimate, StageCost
 from schemas.specs import RunSpec, ScoreWeights, ServerOffer
+from stratosd.comparison import compare_selectors
 from stratosd.costmodel.costs import STAGE_PHASE, CostModel
 from stratosd.plugins import Plugins
 from stratosd.report import write_report
-from stratosd.comparison import compare_selectors
 from stratosd.score import METRICS
 
 OFFERS = [

@@ -10,11 +10,11 @@ import msgspec
 import pytest
 
 from schemas.specs import ServerOffer
+from stratosd.comparison import compare_selectors
 from stratosd.costmodel.costs import STAGE_PHASE, CostModel
 from stratosd.costmodel.learn import EfficiencyBook
 from stratosd.plugins import Plugins
 from stratosd.report import headline, write_report
-from stratosd.comparison import compare_selectors
 from tests.daemon.test_report import (
     MEASURED_RATIO,
     OFFERS,
