@@ -97,12 +97,19 @@ class StepContext:
         self.send("log", level=level, message=message)
 
     def output(self, name: str) -> Path:
-        """Path for an output artifact (a file or a directory, uploaded when the step ends)."""
+        """Path for an output artifact (a file or a directory, uploaded when the step ends).
+
+        Any size: the agent streams it in resumable, checksummed chunks to the bus or to its
+        --artifact-store; the step only writes the file.
+        """
         artifact_key(self.run_id or "local", name)  # validates the name
         return self.outdir / name
 
     def checkpoint(self, path: Path, name: str = "checkpoint") -> None:
-        """Ask the agent to upload path now (a directory is tarred) so a resume can use it."""
+        """Ask the agent to upload path now (a directory is tarred) so a resume can use it.
+
+        An upload cut off by a broken connection resumes: stored chunks are not sent again.
+        """
         self.send("checkpoint", path=str(path), name=name)
 
     def ready(self, **info: Any) -> None:

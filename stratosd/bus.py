@@ -13,7 +13,7 @@ import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import BadRequestError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import BadRequestError
 from nats.micro.request import Request
 
 from schemas import subjects
@@ -24,8 +24,6 @@ from stratosd.config import StratosConfig
 from stratosd.errors import BadMessage, BusUnavailable, NotFound, RemoteError, StratosError
 
 log = structlog.stdlib.get_logger(__name__)
-
-MAX_ARTIFACT_BYTES = 2 * 1024**3
 
 
 async def connect(
@@ -92,11 +90,19 @@ async def connect(
 class Bus:
     """A connected client plus the JetStream objects Stratos uses."""
 
-    def __init__(self, nc: Client) -> None:
+    def __init__(self, nc: Client, config: StratosConfig | None = None) -> None:
+        from stratosd.artifacts.transfer import Artifacts
+
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self._kv: dict[str, Any] = {}
         self._obs: Any = None
+        self._bus_store: Any = None
+        # config.artifact_store: large artifacts go there, the bus keeps a reference
+        self.artifacts = Artifacts(
+            self._artifact_bus_store,
+            store_uri=config.artifact_store if config else None,
+            min_bytes=config.artifact_store_min_bytes if config else 0)
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -171,37 +177,28 @@ class Bus:
 
     # --- artifacts -----------------------------------------------------------------------
 
+    async def _artifact_bus_store(self) -> Any:
+        if self._bus_store is None:
+            from stratosd.artifacts.busstore import BusStore
+
+            self._bus_store = BusStore(self.js, await self.objects(), subjects.ARTIFACTS_BUCKET)
+        return self._bus_store
+
     async def put_artifact(self, key: str, path: Path) -> str:
-        """Upload a file under key."""
-        obs = await self.objects()
-        if path.stat().st_size > MAX_ARTIFACT_BYTES:
-            raise StratosError(f"artifact {path.name} is larger than 2 GiB",
-                               hint="store large models elsewhere and pass a URI")
-        with path.open("rb") as fh:
-            await obs.put(key, fh)
-        return key
+        """Upload a file of any size under key (chunked, resumable; see stratosd.artifacts)."""
+        return await self.artifacts.put(key, path)
 
     async def get_artifact(self, key: str, dest: Path) -> Path:
-        """Download key into dest."""
-        obs = await self.objects()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with dest.open("wb") as fh:
-                await obs.get(key, writeinto=fh)
-        except (ObjectNotFoundError, NotFoundError):
-            dest.unlink(missing_ok=True)
-            raise NotFound(f"artifact {key!r} not found", hint="was the producing stage run?")\
-                from None
-        return dest
+        """Download key into dest, streaming; its sha256 is verified (ArtifactCorrupt)."""
+        return await self.artifacts.get(key, dest)
 
     async def has_artifact(self, key: str) -> bool:
-        """True when the object store holds key."""
-        obs = await self.objects()
-        try:
-            info = await obs.get_info(key)
-        except (ObjectNotFoundError, NotFoundError):
-            return False
-        return not getattr(info, "deleted", False)
+        """True when the object store holds key (the artifact or a reference to it)."""
+        return await self.artifacts.exists(key)
+
+    async def delete_artifact(self, key: str) -> None:
+        """Delete key with its chunks, wherever they are stored."""
+        await self.artifacts.delete(key)
 
     async def close(self) -> None:
         """Drain (flush pending, unsubscribe) and close."""

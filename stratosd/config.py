@@ -31,6 +31,10 @@ class StratosConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     connect_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
+    # where large artifacts go: file:///shared/path or s3://bucket/prefix (unset: the bus's
+    # object store); the bus then carries only a reference. Smaller files stay on the bus.
+    artifact_store: str | None = None
+    artifact_store_min_bytes: Annotated[int, Meta(ge=0)] = 0
 
     @property
     def home_path(self) -> Path:
@@ -76,6 +80,9 @@ class DaemonConfig(StratosConfig, kw_only=True, forbid_unknown_fields=True):
     job_ack_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
     stage_retries: Annotated[int, Meta(ge=0)] = 2
     handler_grace_s: Annotated[float, Meta(ge=0)] = 10.0
+    # Prometheus metrics (docs/operations.md): unset = off; 0 = any free port (logged)
+    metrics_port: Annotated[int, Meta(ge=0, le=65535)] | None = None
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 to let a remote Prometheus scrape
 
 
 class AgentConfig(StratosConfig, kw_only=True, forbid_unknown_fields=True):
