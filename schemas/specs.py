@@ -139,8 +139,45 @@ class TeacherScore(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
 
 
+class AccuracyEstimate(msgspec.Struct, frozen=True, kw_only=True):
+    """An accuracy measured on n examples with its Wilson 95% interval, and how it was got."""
+
+    accuracy: Fraction
+    n: int = 0
+    correct: int = 0
+    ci_low: Fraction = 0.0
+    ci_high: Fraction = 1.0
+    basis: str = ""  # e.g. "trial fine-tune (32 steps), held-out train examples" or "few-shot"
+
+
+class TrialFit(msgspec.Struct, frozen=True, kw_only=True):
+    """The pre-screen's short trial fine-tune of a student and its held-out outcome."""
+
+    trainer: str = ""
+    steps: int = 0
+    loss_first: float | None = None  # mean of the first few logged training losses
+    loss_last: float | None = None  # mean of the last few
+    loss_drop: float | None = None  # (loss_first - loss_last) / loss_first
+    n: int = 0  # held-out examples answered after the trial
+    parsed: int = 0  # answers the task could extract (format compliance)
+    format_rate: Fraction = 0.0
+    format_ci_low: Fraction = 0.0
+    format_ci_high: Fraction = 1.0
+    correct: int = 0
+    train_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    stopped_by_time: bool = False  # the time budget cut the trial or its evaluation short
+    error: str | None = None  # the trial itself failed (the student is dropped, with this)
+
+
 class StudentCandidate(msgspec.Struct, frozen=True, kw_only=True):
-    """A student after fit and pre-screen, with the reason it was kept or dropped."""
+    """A student after fit and pre-screen, with the reason it was kept or dropped.
+
+    `prescreen_accuracy` is the few-shot accuracy (the paper's capacity pre-screen) on
+    `prescreen_n` examples with its Wilson 95% interval; `trial` is the short trial
+    fine-tune; `estimate` is the pre-screen's prediction (the trial's held-out accuracy
+    when a trial ran, else the few-shot one), which ranks the kept students.
+    """
 
     model: str
     params_m: float = 0.0
@@ -151,3 +188,8 @@ class StudentCandidate(msgspec.Struct, frozen=True, kw_only=True):
     probe_loss_drop: float | None = None
     kept: bool = True
     reason: str = ""
+    prescreen_n: int = 0
+    prescreen_ci_low: float | None = None
+    prescreen_ci_high: float | None = None
+    trial: TrialFit | None = None
+    estimate: AccuracyEstimate | None = None

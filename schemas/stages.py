@@ -13,7 +13,14 @@ from typing import Any, ClassVar
 import msgspec
 
 from schemas.costs import Estimate, JobEstimate, JobWork, StageCost
-from schemas.specs import Selection, ServerOffer, StudentCandidate, TeacherScore, TeacherSpec
+from schemas.specs import (
+    AccuracyEstimate,
+    Selection,
+    ServerOffer,
+    StudentCandidate,
+    TeacherScore,
+    TeacherSpec,
+)
 
 
 class StageResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,6 +63,8 @@ class SelectStudentResult(StageResult, frozen=True, kw_only=True):
     reason: str = ""
     shots: int = 0
     sample_size: int = 0
+    prediction: AccuracyEstimate | None = None  # the chosen student's pre-screen estimate
+    settings: dict[str, Any] = {}  # the thresholds and sizes the pre-screen decided with
 
 
 class ChooseStrategyResult(StageResult, frozen=True, kw_only=True):
@@ -68,6 +77,9 @@ class ChooseStrategyResult(StageResult, frozen=True, kw_only=True):
     teacher_accuracy: float
     threshold: float
     reason: str = ""
+    teacher_n: int = 0  # probe examples behind teacher_accuracy
+    teacher_ci_low: float | None = None  # its Wilson 95% interval
+    teacher_ci_high: float | None = None
 
 
 class SynthesizeResult(StageResult, frozen=True, kw_only=True):

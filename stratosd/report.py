@@ -119,12 +119,47 @@ def _md_student(run: RunInfo) -> list[str]:
     if stu is None:
         return out + _missing("select_student")
     out += [f"Chosen student: **{stu.chosen}**. Why: {stu.reason or 'n/a'}", ""]
+    out += [f"Pre-screen prediction vs outcome: {prediction_vs_outcome(run)}.", ""]
     out += _table(["student", "params (M)", "train MiB (est.)", "serve MiB (est.)", "fits",
-                   "pre-screen acc.", "probe loss drop", "kept", "reason"],
+                   "pre-screen acc.", "probe loss drop", "estimate [95% CI]", "kept", "reason"],
                   [[c.model, _f(c.params_m, "{:.4g}"), _f(c.est_train_mem_mib, "{:.0f}"),
                     _f(c.est_serve_mem_mib, "{:.0f}"), c.fits, _pct(c.prescreen_accuracy),
-                    _f(c.probe_loss_drop), c.kept, c.reason] for c in stu.candidates])
+                    _f(c.probe_loss_drop), _ci(c.estimate), c.kept, c.reason]
+                   for c in stu.candidates])
     return out
+
+
+def _ci(est: Any) -> str:
+    if est is None:
+        return "n/a"
+    return f"{_pct(est.accuracy)} [{_pct(est.ci_low)}–{_pct(est.ci_high)}, n={est.n}]"
+
+
+def prediction_vs_outcome(run: RunInfo) -> str:
+    """The pre-screen's estimate for the chosen student next to its accuracy after training."""
+    stu = stage_result(run, SelectStudentResult)
+    ev = stage_result(run, EvaluateResult)
+    chosen = None if stu is None else next(
+        (c for c in stu.candidates if c.model == stu.chosen), None)
+    pred = None if stu is None else stu.prediction or (chosen.estimate if chosen else None)
+    if pred is not None:
+        said = f"predicted {_ci(pred)} ({pred.basis or 'pre-screen'})"
+    elif chosen is not None and chosen.prescreen_accuracy is not None:
+        said = f"predicted {_pct(chosen.prescreen_accuracy)} (few-shot, no interval recorded)"
+    else:
+        return "n/a (no pre-screen estimate)"
+    if ev is None:
+        return f"{said}; not evaluated yet"
+    a = ev.after
+    got = f"{said}; measured after training {_ci(a)} on the {a.split or 'test'} set"
+    if pred is None:
+        return got
+    where = ("within the predicted interval: the prediction held" if
+             pred.ci_low <= a.accuracy <= pred.ci_high else
+             "above the predicted interval: training did better than the pre-screen predicted"
+             if a.accuracy > pred.ci_high else
+             "below the predicted interval: the pre-screen over-predicted")
+    return f"{got}: {where}"
 
 
 def _md_strategy(run: RunInfo) -> list[str]:
@@ -357,6 +392,7 @@ def render_markdown(run: RunInfo, data: dict[str, Any]) -> str:
         ["server", s["server"] or "n/a"], ["teacher", s["teacher"] or "n/a"],
         ["student", s["student"] or "n/a"], ["strategy", s["mode"] or "n/a"],
         ["accuracy before → after", f"{_pct(s['accuracy_before'])} → {_pct(s['accuracy_after'])}"],
+        ["pre-screen prediction → outcome", prediction_vs_outcome(run)],
         ["quality target (constraints.target_accuracy)", target],
         ["teacher probe accuracy", _pct(s["teacher_accuracy"])],
         ["serving latency p50 ms (measured)", _f(s["latency_ms"], "{:.1f}")],
@@ -471,6 +507,7 @@ def headline(run: RunInfo, comparison: dict[str, Any]) -> dict[str, Any]:
     target = run.spec.constraints.target_accuracy
     acc_after = None if ev is None else _num(ev.after.accuracy)
     words, met = quality_target(target, acc_after)
+    pred = None if stu is None else stu.prediction
     return {
         "target_accuracy": target,
         "target": words,
@@ -481,6 +518,8 @@ def headline(run: RunInfo, comparison: dict[str, Any]) -> dict[str, Any]:
         "mode": None if st is None else st.mode,
         "accuracy_before": None if ev is None else _num(ev.before.accuracy),
         "accuracy_after": acc_after,
+        "prescreen_predicted": None if pred is None else _num(pred.accuracy),
+        "prescreen_interval": None if pred is None else [_num(pred.ci_low), _num(pred.ci_high)],
         "teacher_accuracy": teacher_acc,
         "train_time_s": None if tr is None else _num(tr.train_time_s),
         "cost_usd": measured.get("total_usd"),

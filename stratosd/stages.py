@@ -305,24 +305,28 @@ async def select_student(ctx: StageRun) -> dict[str, Any]:
 
 
 async def choose_strategy(ctx: StageRun) -> dict[str, Any]:
-    """Alignment or injection (or another mode), from the best teacher's probe accuracy."""
+    """Alignment, injection or hybrid (or a plugin's mode), from the best teacher's probe
+    accuracy and its 95% interval against the job's threshold."""
+    from plugins.modes.policy import explain_mode, teacher_interval
+
     svc = services(ctx)
     probe: ProbeTeachersResult = _need(ctx, ProbeTeachersResult)
     best = next((s for s in probe.scores if s.name == probe.best), None)
     if best is None:
         raise Infeasible("no teacher could be probed", hint="check the teachers in the job")
     teacher_spec = next(t for t in ctx.spec.teachers if t.label == best.name)
+    threshold = ctx.spec.mode_threshold
     if ctx.spec.mode != "auto":
         mode, reason = ctx.spec.mode, "set in the job"
     else:
-        mode = svc.plugins.choose_mode(ctx.spec.task, best, ctx.spec.mode_threshold)
-        side = "≥" if best.accuracy >= ctx.spec.mode_threshold else "<"
-        reason = (f"teacher {best.name} probe accuracy {best.accuracy:.1%} {side} threshold "
-                  f"{ctx.spec.mode_threshold:.0%}")
+        mode = svc.plugins.choose_mode(ctx.spec.task, best, threshold)
+        reason = explain_mode(best, threshold, mode)
     svc.plugins.modes.get(mode)
+    low, high = teacher_interval(best) if best.n > 0 else (None, None)
     return checked(ctx.stage, ChooseStrategyResult(
         mode=mode, teacher=best.name, teacher_spec=teacher_spec, teacher_accuracy=best.accuracy,
-        threshold=ctx.spec.mode_threshold, reason=reason))
+        threshold=threshold, reason=reason, teacher_n=best.n, teacher_ci_low=low,
+        teacher_ci_high=high))
 
 
 async def synthesize(ctx: StageRun) -> dict[str, Any]:

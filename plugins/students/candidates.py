@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -271,8 +272,14 @@ def prescreen_accuracy(
     *,
     max_new_tokens: int = 128,
     batch_size: int = 8,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
-    """Few-shot accuracy of a student on sample examples (greedy, cut at the shot separator)."""
+    """Few-shot accuracy of a student on sample examples (greedy, cut at the shot separator).
+
+    Returns accuracy, n (examples answered), correct (score 1), parsed (an answer could be
+    extracted), the Wilson 95% interval and the first outputs. With a `deadline`
+    (time.monotonic()), batches after the first stop once it has passed.
+    """
     import torch
 
     from plugins.models.hf import generate_batch, load_model
@@ -283,62 +290,50 @@ def prescreen_accuracy(
         torch.set_num_threads(1)  # tiny matrices: threads only add contention
     try:
         return _screen(model, tokenizer, task, shots, sample, generate_batch,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, deadline=deadline)
     finally:
         torch.set_num_threads(threads)
 
 
 def _screen(model: Any, tokenizer: Any, task: Any, shots: Sequence[Shot], sample: Sequence[Any],
-            generate_batch: Any, *, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
-    correct = 0.0
+            generate_batch: Any, *, max_new_tokens: int, batch_size: int,
+            deadline: float | None) -> dict[str, Any]:
+    from plugins.models.evaluate import wilson_interval
+
+    correct = parsed = 0
     outputs = []
+    cut = False
     for start in range(0, len(sample), batch_size):
+        if start and deadline is not None and time.monotonic() > deadline:
+            cut = True
+            break
         chunk = sample[start:start + batch_size]
         prompts = [few_shot_prompt(task, shots, ex.question) for ex in chunk]
         gens = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
         for ex, gen in zip(chunk, gens, strict=True):
             text = gen.text.split(SHOT_SEPARATOR)[0]
-            score = float(task.score(task.extract(text), ex.answer))
-            correct += score
-            outputs.append({"id": ex.id, "correct": score > 0, "output": text[:200]})
-    return {"accuracy": correct / max(len(sample), 1), "n": len(sample), "outputs": outputs}
-
-
-def probe_finetune(
-    ref: str,
-    task: Any,
-    rows_file: Path,
-    workdir: Path,
-    *,
-    steps: int,
-    trainer: str = "lora-sft",
-    params: dict[str, Any] | None = None,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """A short fine-tune; loss_drop = (first - last) / first of the logged training loss."""
-    from stratosd.api import TrainContext
-    from stratosd.plugins import get_plugins
-
-    cls = get_plugins().trainers.get(trainer)
-    p = {k: v for k, v in (params or {}).items() if k not in ("num_train_epochs",)}
-    p.update(max_steps=steps, save_steps=max(steps * 10, 1000), logging_steps=1)
-    ctx = TrainContext(model=ref, train_file=rows_file, out_dir=workdir / "out",
-                       checkpoint_dir=workdir / "ckpt", params=p, task=task, seed=seed)
-    metrics = cls().train(ctx)
-    first, last = metrics.get("first_loss"), metrics.get("final_loss")
-    drop = (first - last) / first if first and last is not None and first > 0 else 0.0
-    return {"loss_drop": drop, "first_loss": first, "final_loss": last,
-            "steps": metrics.get("steps"), "train_time_s": metrics.get("train_time_s")}
+            predicted = task.extract(text)
+            ok = float(task.score(predicted, ex.answer)) >= 1.0
+            correct += ok
+            parsed += predicted is not None
+            outputs.append({"id": ex.id, "correct": ok, "output": text[:200]})
+    n = len(outputs)
+    low, high = wilson_interval(correct, n)
+    return {"accuracy": correct / n if n else 0.0, "n": n, "correct": correct,
+            "parsed": parsed, "ci_low": low, "ci_high": high, "stopped_by_time": cut,
+            "outputs": outputs}
 
 
 def choose(candidates: Sequence[StudentCandidate]) -> StudentCandidate | None:
-    """Best kept candidate: highest pre-screen accuracy, then loss drop, then fewest params."""
+    """Best kept candidate: highest estimate (trial held-out accuracy, else few-shot), then
+    trial loss drop, then fewest params."""
     kept = [c for c in candidates if c.kept]
     if not kept:
         return None
 
     def key(c: StudentCandidate) -> tuple[float, float, float]:
-        acc = c.prescreen_accuracy if c.prescreen_accuracy is not None else -1.0
+        acc = c.estimate.accuracy if c.estimate is not None else (
+            c.prescreen_accuracy if c.prescreen_accuracy is not None else -1.0)
         drop = c.probe_loss_drop if c.probe_loss_drop is not None else -math.inf
         return (-acc, -drop, c.params_m)
 

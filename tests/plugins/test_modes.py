@@ -162,20 +162,24 @@ def test_check_and_split() -> None:
     assert check(gsm, ex, "Answer: " + ex.answer).reason == "no reasoning before the answer"
 
 
-def _score(acc: float) -> TeacherScore:
-    return TeacherScore(name="t", backend="openai", model="m", accuracy=acc, n=10,
-                        correct=round(acc * 10))
+def _score(acc: float, n: int = 10) -> TeacherScore:
+    return TeacherScore(name="t", backend="openai", model="m", accuracy=acc, n=n,
+                        correct=round(acc * n))
 
 
 def test_policy_threshold_is_inclusive_and_explained() -> None:
     assert decide(0.5, 0.5) == "alignment"
     assert decide(0.49, 0.5) == "injection"
-    line = explain_mode(_score(0.3), 0.5)
-    assert "0.30 (3/10) < threshold 0.50 -> injection" in line
+    line = explain_mode(_score(0.1), 0.5)
+    assert line == "teacher t probe accuracy 10% [95% CI 2–40%, n=10] < threshold 50%: injection"
     plugins = Plugins(make_plugin_manager(autoload=False))
     task = TaskSpec(name="gsm8k")
     assert plugins.choose_mode(task, _score(0.9), 0.5) == "alignment"
-    assert plugins.choose_mode(task, _score(0.9), 0.95) == "injection"
+    # Changed on purpose with the interval-aware policy: 9/10 has a 95% interval of 60–98%,
+    # which straddles 0.95, so the built-in policy now hedges with hybrid; a probe large
+    # enough to separate 0.9 from 0.95 still gets injection.
+    assert plugins.choose_mode(task, _score(0.9), 0.95) == "hybrid"
+    assert plugins.choose_mode(task, _score(0.9, n=400), 0.95) == "injection"
 
 
 def test_policy_is_trylast_so_a_plugin_can_override() -> None:
