@@ -133,6 +133,8 @@ def full_results(plugins: Plugins, spec: RunSpec, offers: list[ServerOffer] = OF
     results["train"].update(train_time_s=round(loop.value * TRAIN_LOOP_RATIO, 3),
                             train_time_estimate=to_builtins(loop))
     for stage, phase in STAGE_PHASE.items():
+        if phase == "deploy" and not spec.deploy:
+            continue  # nothing deployed: no deploy phase, no cost
         est = model.costing(spec, run, phases=(phase,)).estimate(chosen)
         api = 0.42 if phase == "synthesis" else 0.0
         results[stage]["cost"] = stage_cost(est, chosen.price_usd_per_hour, api)
