@@ -1,0 +1,236 @@
+"""Tenants (ACME in Stratos): the `[[tenants]]` job, data signatures, adapter updates, results.
+
+A tenant's Q/A data lives on its own agent(s) and is read only there. What travels on the bus
+is declared here: a signature of aggregates (`TenantSignature`), per round an `AdapterUpdate`
+(per-rank importance inline, or LoRA factors in an object-store artifact), and results. Every
+byte of that is counted in `TenantBytes` and reported. See docs/tenants.md.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from schemas.base import Message, utc_now
+from schemas.errors import ErrorReply
+from schemas.specs import Name, NonNeg, PluginName, Strict
+
+Token = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,64}$")]
+PosInt = Annotated[int, Meta(ge=1)]
+
+# --- the job (user-written: unknown fields are typos) --------------------------------------
+
+
+class TenantLimits(Strict, frozen=True, kw_only=True):
+    """A tenant's hard limits: a student over any of them is never picked for it."""
+
+    max_params: Annotated[int, Meta(ge=1)] | None = None
+    max_memory_mib: NonNeg | None = None  # fp32 weights + 20 % (the serving estimate)
+    max_latency_ms: NonNeg | None = None  # mean per answer, measured on the tenant's agent
+    budget_usd: NonNeg | None = None  # training + probing, at the agent's price
+
+
+class TenantSpec(Strict, frozen=True, kw_only=True):
+    """One tenant: its agents hold `data_path` (a Q/A JSONL); nothing else ever reads it."""
+
+    name: Token
+    agents: Annotated[list[Token], Meta(min_length=1)]
+    data_path: Name  # a path on the tenant's agents, never opened by the daemon
+    limits: TenantLimits = TenantLimits()
+    question_field: str = "question"
+    answer_field: str = "answer"
+    test_fraction: Annotated[float, Meta(gt=0.0, lt=1.0)] = 0.25  # held out, on the agent
+
+
+class TradeoffWeights(Strict, frozen=True, kw_only=True):
+    """trade-off = quality·acc − latency·lat − size·size, each min-max normalised over the
+    candidates that fit (ACME: accuracy − 0.5·(size + energy))."""
+
+    quality: NonNeg = 1.0
+    latency: NonNeg = 0.5
+    size: NonNeg = 0.5
+
+
+class StudentChoice(Strict, frozen=True, kw_only=True):
+    """Candidates measured (briefly fitted, then evaluated) on each tenant's probe data;
+    the others' accuracy and latency are predicted from the measured ones (labelled so)."""
+
+    candidates: Annotated[list[Name], Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["config:tiny"])
+    measure: list[Name] = []  # empty: measure every candidate
+    probe_size: Annotated[int, Meta(ge=1, le=10_000)] = 16
+    fit_steps: Annotated[int, Meta(ge=0)] = 20
+    rule: Literal["pareto", "highest-accuracy", "largest", "random"] = "pareto"
+    weights: TradeoffWeights = TradeoffWeights()
+
+
+class AggregationSpec(Strict, frozen=True, kw_only=True):
+    """How tenants on the same student help each other, round by round."""
+
+    rule: PluginName = "lora-product-average"  # a stratos_aggregators plugin
+    weighting: Literal["similarity", "uniform"] = "similarity"  # uniform = plain average
+    temperature: Annotated[float, Meta(gt=0.0)] = 0.1
+    rounds: Annotated[int, Meta(ge=1, le=100)] = 2
+    local_steps: PosInt = 40
+    lora_r: PosInt = 8
+    keep_ranks: PosInt = 4  # ACME form: ranks each tenant keeps (top by mixed importance)
+    learning_rate: Annotated[float, Meta(gt=0.0)] = 1e-2
+    params: dict[str, Any] = {}  # extra trainer params (lora-sft)
+
+
+class TenantJob(Strict, frozen=True, kw_only=True):
+    """`stratosctl tenants submit FILE`: a `[[tenants]]` table plus the shared settings."""
+
+    name: Name = "tenants"
+    tenants: Annotated[list[TenantSpec], Meta(min_length=1)]
+    students: StudentChoice = StudentChoice()
+    aggregation: AggregationSpec = AggregationSpec()
+    alone_baseline: bool = True  # also train each tenant alone for the report
+    seed: int = 0
+    eval_limit: Annotated[int, Meta(ge=1)] = 64
+    trainer: PluginName = "lora-sft"
+
+
+# --- what travels ------------------------------------------------------------------------
+
+
+class TenantSignature(msgspec.Struct, frozen=True, kw_only=True):
+    """Aggregates of a tenant's data (never per-sample values): hashed character-bigram
+    distribution of the questions and hashed answer distribution, each summing to 1."""
+
+    tenant: str
+    n_examples: int
+    question_hist: list[float]
+    answer_hist: list[float]
+    mean_question_chars: float = 0.0
+    mean_answer_chars: float = 0.0
+    raw_bytes: int = 0  # size of the data file (a number, not the data)
+
+
+class CandidatePoint(msgspec.Struct, frozen=True, kw_only=True):
+    """One student candidate for one tenant: measured on its agent or predicted."""
+
+    model: str
+    params: int
+    accuracy: float
+    latency_ms: float
+    memory_mib: float
+    predicted: bool = False
+    fits: bool = True
+    why_not: str = ""  # the limit it breaks
+
+
+class StudentPick(msgspec.Struct, frozen=True, kw_only=True):
+    """The per-tenant choice and its baselines, with the trade-off score of each."""
+
+    tenant: str
+    chosen: str
+    rule: str
+    formula: str
+    points: list[CandidatePoint]
+    pareto: list[str] = []
+    scores: dict[str, float] = {}  # model → trade-off score (fitting candidates)
+    baselines: dict[str, str] = {}  # highest-accuracy / largest / random → model
+
+
+class AdapterUpdate(msgspec.Struct, frozen=True, kw_only=True):
+    """A tenant's per-round update: importance per rank inline, or LoRA factors by key."""
+
+    tenant: str
+    round: int
+    student: str
+    rank: int
+    kind: Literal["importance", "lora"]
+    importance: dict[str, list[float]] = {}  # module → one score per rank
+    artifact: str = ""  # object-store key of the npz with `<module>.lora_A/.lora_B/.scaling`
+    artifact_bytes: int = 0
+
+
+class TenantBytes(msgspec.Struct, frozen=True, kw_only=True):
+    """Bytes on the bus for one tenant, by direction, against its raw data."""
+
+    to_agent: int = 0  # commands and artifacts the daemon sent to the tenant's agent
+    from_agent: int = 0  # results and artifacts the agent sent back
+    raw_data: int = 0  # the data file's size (it never travels)
+    signature: int = 0
+    updates: int = 0  # from_agent part that is per-round updates
+    mixes: int = 0  # to_agent part that is aggregated mixes
+
+
+class TenantResult(msgspec.Struct, frozen=True, kw_only=True):
+    """One tenant's section of the report."""
+
+    tenant: str
+    agent: str
+    student: str = ""
+    adapter: str = ""  # where the tuned model lives (on the tenant's agent)
+    pick: StudentPick | None = None
+    accuracy_alone: float | None = None
+    accuracy_aggregated: float | None = None
+    n_test: int = 0
+    weights: dict[str, float] = {}  # its row of the aggregation weights
+    group: str = ""  # the student/rank group it was aggregated in
+    rounds_done: int = 0
+    bytes: TenantBytes = TenantBytes()
+    state: Literal["ok", "lost", "failed"] = "ok"
+    error: str = ""
+
+
+class TenantJobState(msgspec.Struct, frozen=True, kw_only=True):
+    """A tenants job as the daemon keeps it (KV `stratos_tenants`)."""
+
+    job_id: str
+    name: str
+    state: Literal["queued", "running", "completed", "failed"]
+    stage: str = ""
+    spec: TenantJob
+    created: datetime = msgspec.field(default_factory=utc_now)
+    updated: datetime = msgspec.field(default_factory=utc_now)
+    similarity: dict[str, dict[str, float]] = {}
+    results: dict[str, TenantResult] = {}
+    report_paths: dict[str, str] = {}
+    error: str = ""
+
+
+# --- commands and replies (stratos.cmd.daemon.tenants) ------------------------------------
+
+
+class SubmitTenantJob(Message, frozen=True, kw_only=True, tag="submit_tenant_job"):
+    """Start a tenants job; the same job_id again returns its current state."""
+
+    spec: TenantJob
+    job_id: Token | None = None
+
+
+class GetTenantJob(Message, frozen=True, kw_only=True, tag="get_tenant_job"):
+    """One tenants job's state (and, when finished, its per-tenant report)."""
+
+    job_id: Token
+
+
+class ListTenantJobs(Message, frozen=True, kw_only=True, tag="list_tenant_jobs"):
+    """Tenants jobs, newest first."""
+
+    limit: int = 50
+
+
+class TenantJobReply(Message, frozen=True, kw_only=True, tag="tenant_job_reply"):
+    """A tenants job's state."""
+
+    job: TenantJobState
+
+
+class TenantJobList(Message, frozen=True, kw_only=True, tag="tenant_job_list"):
+    """Tenants jobs."""
+
+    jobs: list[TenantJobState]
+
+
+TenantCommand = SubmitTenantJob | GetTenantJob | ListTenantJobs
+TENANT_COMMAND_DECODER = msgspec.json.Decoder(TenantCommand)
+TenantReply = TenantJobReply | TenantJobList | ErrorReply
+TENANT_REPLY_DECODER = msgspec.json.Decoder(TenantReply)
+TENANT_STATE_DECODER = msgspec.json.Decoder(TenantJobState)

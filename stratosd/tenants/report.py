@@ -1,0 +1,71 @@
+"""The tenants report: per tenant its student (and why), adapter, accuracy alone vs aggregated,
+and bytes sent against its raw data. Written as report.json and report.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+
+from schemas.tenants import TenantJobState
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def render_markdown(job: TenantJobState) -> str:
+    """The report body."""
+    agg = job.spec.aggregation
+    lines = [f"# Tenants job {job.name} ({job.job_id})", "",
+             f"state: {job.state}; rule `{agg.rule}`, weighting {agg.weighting}, temperature "
+             f"{agg.temperature:g}, {agg.rounds} rounds × {agg.local_steps} local steps, "
+             f"LoRA r={agg.lora_r}", ""]
+    names = sorted(job.similarity)
+    if names:
+        lines += ["## Similarity s = 1/(1+d)", "",
+                  "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join(f"{job.similarity[a].get(b, 0):.3f}" for b in names)
+                  + " |" for a in names]
+        lines.append("")
+    for name, r in sorted(job.results.items()):
+        b = r.bytes
+        sent = b.to_agent + b.from_agent
+        ratio = f"{100 * sent / b.raw_data:.1f}% of its raw data" if b.raw_data else ""
+        lines += [f"## Tenant {name} ({r.state})", "",
+                  f"- agent: {r.agent}; student: {r.student or '-'}; tuned model: "
+                  f"{r.adapter or '-'} (stays on the agent)",
+                  f"- accuracy on {r.n_test} held-out rows: alone {_pct(r.accuracy_alone)}, "
+                  f"aggregated {_pct(r.accuracy_aggregated)}",
+                  f"- group {r.group or '-'}; weights "
+                  + (", ".join(f"{k} {v:.3f}" for k, v in sorted(r.weights.items())) or "-"),
+                  f"- bytes on the bus: {sent} ({b.to_agent} to its agent, {b.from_agent} back; "
+                  f"signature {b.signature}, updates {b.updates}, mixes {b.mixes}); raw data "
+                  f"{b.raw_data} bytes never sent {('— ' + ratio) if ratio else ''}"]
+        if r.error:
+            lines.append(f"- error: {r.error}")
+        if r.pick is not None:
+            p = r.pick
+            lines += [f"- pick ({p.rule}): **{p.chosen}**; {p.formula}",
+                      "  - baselines: " + ", ".join(f"{k} → {v}"
+                                                     for k, v in sorted(p.baselines.items())),
+                      "", "  | model | params | acc | latency ms | fits | score |",
+                      "  |---|---|---|---|---|---|"]
+            for pt in p.points:
+                tag = " (predicted)" if pt.predicted else ""
+                score = p.scores.get(pt.model)
+                lines.append(f"  | {pt.model} | {pt.params} | {pt.accuracy:.3f}{tag} | "
+                             f"{pt.latency_ms:.1f}{tag} | {'yes' if pt.fits else pt.why_not} | "
+                             f"{'-' if score is None else f'{score:.3f}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, job: TenantJobState) -> dict[str, str]:
+    """report.json and report.md under out_dir; their paths by kind."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / "report.json", out_dir / "report.md"
+    js.write_text(json.dumps(msgspec.to_builtins(job), indent=2, default=str))
+    md.write_text(render_markdown(job))
+    return {"json": str(js), "markdown": str(md)}

@@ -1,0 +1,127 @@
+"""The daemon's `tenants` command (stratos.cmd.daemon.tenants) and the tenants KV bucket."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import structlog
+from nats.js import api as js_api
+from nats.js.errors import KeyNotFoundError, NoKeysError
+
+from schemas import subjects
+from schemas.base import Message, encode, new_id
+from schemas.tenants import (
+    TENANT_STATE_DECODER,
+    GetTenantJob,
+    ListTenantJobs,
+    SubmitTenantJob,
+    TenantJob,
+    TenantJobList,
+    TenantJobReply,
+    TenantJobState,
+)
+from stratosd.errors import ConfigError, NotFound, Unsupported
+from stratosd.plugins import lookup
+
+log = structlog.stdlib.get_logger(__name__)
+
+
+def validate_tenant_job(spec: TenantJob, plugins: Any) -> None:
+    """What the daemon can check before any agent works: names, plugins, candidates."""
+    names = [t.name for t in spec.tenants]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"tenant name {dup[0]!r} appears twice",
+                          hint="give every [[tenants]] entry its own name", field="tenants")
+    lookup(plugins.aggregators, spec.aggregation.rule, "aggregation.rule")
+    lookup(plugins.trainers, spec.trainer, "trainer")
+    unknown = sorted(set(spec.students.measure) - set(spec.students.candidates))
+    if unknown:
+        raise ConfigError(f"students.measure names {unknown[0]!r}, not a candidate",
+                          hint="measure a subset of students.candidates",
+                          field="students.measure")
+    if spec.aggregation.keep_ranks > spec.aggregation.lora_r:
+        raise ConfigError(f"aggregation.keep_ranks {spec.aggregation.keep_ranks} > lora_r "
+                          f"{spec.aggregation.lora_r}", hint="keep at most lora_r ranks",
+                          field="aggregation.keep_ranks")
+
+
+class TenantService:
+    """Submits tenants jobs, keeps their state in KV, answers status queries."""
+
+    def __init__(self, daemon: Any) -> None:
+        self.d = daemon
+        self.kv: Any = None
+        self.tasks: dict[str, asyncio.Task[Any]] = {}
+
+    async def start(self) -> None:
+        """Create (or bind) the KV bucket."""
+        self.kv = await self.d.bus.js.create_key_value(
+            bucket=subjects.TENANTS_BUCKET, history=5, storage=js_api.StorageType.FILE)
+
+    async def stop(self) -> None:
+        """Cancel running jobs (their last state stays in KV)."""
+        for task in self.tasks.values():
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()), timeout=5)
+
+    async def save(self, state: TenantJobState) -> None:
+        """Write a job's state."""
+        await self.kv.put(state.job_id, encode(state))
+
+    async def get(self, job_id: str) -> TenantJobState:
+        """A job's state or NotFound."""
+        try:
+            entry = await self.kv.get(job_id)
+        except KeyNotFoundError:
+            raise NotFound(f"no tenants job {job_id!r}",
+                           hint="list them with `stratosctl tenants status`") from None
+        return TENANT_STATE_DECODER.decode(entry.value)
+
+    async def list(self, limit: int) -> list[TenantJobState]:
+        """Jobs, newest first."""
+        try:
+            keys = await self.kv.keys()
+        except NoKeysError:
+            return []
+        out = []
+        for key in keys:
+            try:
+                out.append(await self.get(key))
+            except (NotFound, msgspec.DecodeError):
+                continue
+        return sorted(out, key=lambda j: j.created, reverse=True)[:limit]
+
+    async def submit(self, spec: TenantJob, job_id: str | None) -> TenantJobState:
+        """Start a job (the same job_id again returns its state)."""
+        from stratosd.tenants.orchestrator import Steps, TenantRun
+
+        validate_tenant_job(spec, self.d.plugins)
+        if job_id is not None:
+            try:
+                return await self.get(job_id)
+            except NotFound:
+                pass
+        run = TenantRun(job_id or new_id(), spec, Steps(self.d.bus, self.d.dispatch,
+                                                        self.d.fleet),
+                        self.d.plugins, self.save, self.d.config.home_path)
+        await self.save(run.state)
+        task = asyncio.create_task(run.run(), name=f"tenants-{run.job_id}")
+        self.tasks[run.job_id] = task
+        task.add_done_callback(lambda _t: self.tasks.pop(run.job_id, None))
+        log.info("tenant_job_submitted", job_id=run.job_id, tenants=len(spec.tenants))
+        return run.state
+
+    async def handle(self, cmd: Any) -> Message:
+        """Dispatch on the command type."""
+        if isinstance(cmd, SubmitTenantJob):
+            return TenantJobReply(job=await self.submit(cmd.spec, cmd.job_id),
+                                  source="stratosd")
+        if isinstance(cmd, GetTenantJob):
+            return TenantJobReply(job=await self.get(cmd.job_id), source="stratosd")
+        if isinstance(cmd, ListTenantJobs):
+            return TenantJobList(jobs=await self.list(cmd.limit), source="stratosd")
+        raise Unsupported(f"unsupported tenants command {type(cmd).__name__}")
