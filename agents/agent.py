@@ -153,11 +153,12 @@ class Agent:
         stop_on_signals(self.stopping)
         self._gpus = await asyncio.to_thread(telemetry.gpus)
         self.bus = Bus(await connect(self.config, f"stratos-agent-{self.agent_id}",
-                                     retry_for_s=30.0))
+                                     retry_for_s=30.0), self.config)
         work = self.config.work_path
         work.mkdir(parents=True, exist_ok=True)
         self.runner = Runner(self.bus, self.agent_id, work, max_jobs=self.config.max_jobs,
                              grace_s=self.config.grace_s, job_threads=self.config.job_threads)
+        await self.runner.start()  # job events an earlier life left unpublished go out now
         self.service = AgentService(self.bus.nc, self.agent_id, self.runner,
                                     calibrate=self.start_calibration)
         await self.service.start()

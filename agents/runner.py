@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from agents.outbox import Faults, Outbox
 from schemas import subjects
 from schemas.base import Message, is_token
 from schemas.commands import JobStatus, RunStep
@@ -35,10 +36,15 @@ from schemas.events import (
 )
 from schemas.subjects import artifact_key
 from stratosd.bus import Bus
-from stratosd.errors import BadMessage, Conflict, StratosError
+from stratosd.errors import BadMessage, Conflict, NotFound, StratosError
 
 log = structlog.stdlib.get_logger(__name__)
 STATUS_DECODER = msgspec.json.Decoder(JobStatus)
+# Events that settle a job or an endpoint: kept in the outbox until JetStream acks them.
+# Progress and log lines are best effort (the next one says the same, or more).
+DURABLE_EVENTS = (JobStarted, JobCompleted, JobFailed, JobCancelled, JobInterrupted,
+                  EndpointDeployed, EndpointRemoved)
+OUTBOX_FILE = Path("outbox") / "job-events.log"
 
 
 def worker_argv(job_file: Path) -> list[str]:
@@ -82,12 +88,24 @@ class Job:
     cancel_requested: bool = False
     interrupted: bool = False
     endpoint_url: str | None = None
+    deployed: EndpointDeployed | None = None
+    code: str = ""  # a failed job's error code, hint and detail (its job_failed event's)
+    hint: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
 
     def status(self) -> JobStatus:
         """The job as a GetJob reply."""
+        serving = self.deployed if self.state == "running" else None
         return JobStatus(job_id=self.cmd.job_id, state=self.state,  # type: ignore[arg-type]
                          step=self.cmd.step, result=self.result, artifacts=self.artifacts,
-                         error=self.error, source="agent")
+                         error=self.error, code=self.code, hint=self.hint, detail=self.detail,
+                         endpoint=serving, source="agent")
+
+    def failed(self, code: str, message: str, hint: str = "",
+               detail: dict[str, Any] | None = None) -> None:
+        """Record the job's failure."""
+        self.state, self.error, self.code, self.hint = "failed", message, code, hint
+        self.detail = dict(detail or {})
 
 
 def _tar_dir(src: Path, dest: Path) -> Path:
@@ -116,6 +134,16 @@ class Runner:
         self.job_threads = job_threads
         self.jobs: dict[str, Job] = {}
         self._load_finished()
+        # what an earlier life left unpublished goes out first, once start() runs
+        self.outbox = Outbox(work_dir / OUTBOX_FILE, self._publish, faults=Faults.from_env())
+
+    async def start(self) -> None:
+        """Start publishing the outbox (the bus is connected)."""
+        self.outbox.start()
+
+    async def _publish(self, subject: str, payload: bytes, msg_id: str) -> None:
+        # JetStream acks or this raises; the stream deduplicates a repeat by the message id
+        await self.bus.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
 
     def _load_finished(self) -> None:
         # Finished jobs survive an agent restart so a resuming daemon can still ask about them.
@@ -126,7 +154,8 @@ class Runner:
                 continue
             cmd = RunStep(job_id=st.job_id, step=st.step or "probe")  # type: ignore[arg-type]
             job = Job(cmd, status_file.parent, state=st.state, result=dict(st.result),
-                      artifacts=dict(st.artifacts), error=st.error)
+                      artifacts=dict(st.artifacts), error=st.error, code=st.code, hint=st.hint,
+                      detail=dict(st.detail))
             if job.state in ("queued", "running"):
                 job.state = "interrupted"
             self.jobs[st.job_id] = job
@@ -146,9 +175,18 @@ class Runner:
                 if job.endpoint_url and job.state == "running"]
 
     async def emit(self, event: Message, name: str, job_id: str) -> None:
-        """Publish a job event (JetStream; the daemon's durable consumer picks it up)."""
+        """Publish a job event (JetStream; the daemon's durable consumer picks it up).
+
+        Events that settle a job go through the outbox: on disk first, then published until
+        JetStream acks them, across bus outages and agent restarts."""
+        subject = subjects.job_event(self.agent_id, job_id, name)
+        if isinstance(event, DURABLE_EVENTS):
+            try:
+                await self.outbox.put(subject, event)
+                return
+            except OSError:  # a full or failing disk: still try the bus once
+                log.error("job_event_not_stored", job_id=job_id, event_name=name, exc_info=True)
         try:
-            subject = subjects.job_event(self.agent_id, job_id, name)
             await self.bus.publish_event(subject, event)
         except Exception:  # noqa: BLE001 - the bus may be reconnecting; the state stays local
             log.warning("job_event_not_published", job_id=job_id, event_name=name, exc_info=True)
@@ -216,19 +254,20 @@ class Runner:
                 (job.workdir / "job.json").write_text(json.dumps(spec))
                 await self._child(job, run_id)
             except StratosError as exc:
-                job.state, job.error = "failed", exc.message
+                job.failed(exc.code, exc.message, exc.hint, getattr(exc, "detail", None))
                 await self.emit(JobFailed(job_id=cmd.job_id, run_id=run_id, agent_id=self.agent_id,
                                           step=cmd.step, code=exc.code, message=exc.message,
-                                          hint=exc.hint, source=self.agent_id),
+                                          hint=exc.hint, detail=job.detail, source=self.agent_id),
                                 "failed", cmd.job_id)
             except asyncio.CancelledError:
                 job.state = "interrupted"
                 raise
             except Exception as exc:  # noqa: BLE001 - job boundary
                 log.error("job_crashed", exc_info=True)
-                job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+                job.failed("job_failed", f"{type(exc).__name__}: {exc}")
                 await self.emit(JobFailed(job_id=cmd.job_id, run_id=run_id, agent_id=self.agent_id,
-                                          step=cmd.step, message=job.error, source=self.agent_id),
+                                          step=cmd.step, message=job.error or "",
+                                          source=self.agent_id),
                                 "failed", cmd.job_id)
             finally:
                 if job.state != "completed":
@@ -252,7 +291,9 @@ class Runner:
                                    step=cmd.step, pid=proc.pid, source=self.agent_id),
                         "started", cmd.job_id)
         final: dict[str, Any] = {}
-        assert proc.stdout is not None and proc.stderr is not None
+        if proc.stdout is None or proc.stderr is None:  # both are PIPE above: never
+            raise StratosError(f"job {cmd.job_id}: the child has no output pipes",
+                               hint="report this as a bug")
         await asyncio.gather(self._read_protocol(job, run_id, proc.stdout, final),
                              self._read_logs(job, run_id, proc.stderr))
         rc = await proc.wait()
@@ -288,11 +329,13 @@ class Runner:
                 "message": f"child exited with code {rc}: "
                 + (" | ".join(list(job.stderr_tail)[-3:]) or "no output"),
                 "hint": "see the job log"}
-            job.state, job.error = "failed", err["message"]
+            detail = err.get("detail")
+            job.failed(str(err.get("code") or "job_failed"), str(err.get("message", "")),
+                       str(err.get("hint") or ""), detail if isinstance(detail, dict) else None)
             await self.emit(JobFailed(job_id=cmd.job_id, run_id=run_id, agent_id=self.agent_id,
-                                      step=cmd.step, code=err.get("code", "job_failed"),
-                                      message=err["message"], hint=err.get("hint", ""),
-                                      source=self.agent_id), "failed", cmd.job_id)
+                                      step=cmd.step, code=job.code, message=job.error or "",
+                                      hint=job.hint, detail=job.detail, source=self.agent_id),
+                            "failed", cmd.job_id)
 
     async def _read_protocol(self, job: Job, run_id: str, stream: asyncio.StreamReader,
                              final: dict[str, Any]) -> None:
@@ -332,11 +375,12 @@ class Runner:
                 job.endpoint_url = str(line.get("url", ""))
                 metrics = {k: float(v) for k, v in dict(line.get("metrics", {})).items()
                            if isinstance(v, int | float)}
-                await self.emit(EndpointDeployed(
+                job.deployed = EndpointDeployed(
                     endpoint_id=cmd.job_id, run_id=run_id, agent_id=self.agent_id,
                     url=job.endpoint_url, model=str(line.get("model", "")),
                     deployer=str(cmd.args.get("deployer", "")), metrics=metrics,
-                    source=self.agent_id), "deployed", cmd.job_id)
+                    source=self.agent_id)
+                await self.emit(job.deployed, "deployed", cmd.job_id)
             elif kind in ("result", "error"):
                 final[kind] = line.get("result", line) if kind == "result" else line
 
@@ -383,8 +427,6 @@ class Runner:
         """SIGTERM the job's process group (the step checkpoints), SIGKILL after the grace."""
         job = self.jobs.get(job_id)
         if job is None:
-            from stratosd.errors import NotFound
-
             raise NotFound(f"no job {job_id!r} on agent {self.agent_id}")
         if job.state in ("queued", "running"):
             job.cancel_requested = True
@@ -402,3 +444,4 @@ class Runner:
         tasks = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=self.grace_s + 5)
+        await self.outbox.close(timeout=5.0)  # what is left is published on the next start

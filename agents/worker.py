@@ -25,6 +25,35 @@ def _on_term(_signum: int, _frame: Any) -> None:
     _stop = True
 
 
+# What out-of-memory looks like from the libraries a step uses, without importing them:
+# torch.OutOfMemoryError / torch.cuda.OutOfMemoryError, and RuntimeErrors of allocators.
+_OOM_TYPES = ("OutOfMemoryError",)
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for MemoryError, torch's OutOfMemoryError and allocator RuntimeErrors."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ in _OOM_TYPES:
+        return True
+    return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _OOM_WORDS)
+
+
+def child_error(exc: BaseException) -> dict[str, Any]:
+    """The `error` line for an exception: its code (kept, never flattened), message, hint and
+    detail (e.g. the settings an out-of-memory step ran with)."""
+    from stratosd.errors import OutOfMemory, StratosError
+
+    if isinstance(exc, StratosError):
+        detail = exc.detail if isinstance(exc, OutOfMemory) else {}
+        return {"code": exc.code, "message": exc.message, "hint": exc.hint, "detail": detail}
+    if is_out_of_memory(exc):
+        return {"code": OutOfMemory.code, "message": f"{type(exc).__name__}: {exc}"[:2000],
+                "hint": "the daemon retries with a smaller micro-batch, then gradient "
+                "checkpointing, then a smaller student", "detail": {}}
+    return {"code": "job_failed", "message": f"{type(exc).__name__}: {exc}",
+            "hint": "see the job log for the traceback", "detail": {}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one step described by the job file; write `result` or `error` to the channel."""
     argv = sys.argv[1:] if argv is None else argv
@@ -51,12 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         ctx.send("result", result=result if result is not None else {})
         return 0
     except StratosError as exc:
-        ctx.send("error", code=exc.code, message=exc.message, hint=exc.hint)
+        ctx.send("error", **child_error(exc))
         return 1
     except Exception as exc:  # noqa: BLE001 - child boundary: report, with traceback in log
         traceback.print_exc()
-        ctx.send("error", code="job_failed", message=f"{type(exc).__name__}: {exc}",
-                 hint="see the job log for the traceback")
+        ctx.send("error", **child_error(exc))
         return 1
 
 

@@ -11,13 +11,16 @@ from msgspec import Meta
 from schemas.base import Message
 from schemas.costs import JobEstimate, JobWork
 from schemas.errors import ErrorReply
+from schemas.events import EndpointDeployed
 from schemas.specs import RunSpec, Selection, ServerOffer
 
 # ids become subject tokens and directory names: validated here, at the edge
 Token = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,64}$")]
 OptToken = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{0,64}$")]
 
-StepName = Literal["probe", "prescreen", "synthesize", "train", "evaluate", "deploy"]
+StepName = Literal["probe", "prescreen", "synthesize", "train", "evaluate", "deploy",
+                   "tenant_signature", "tenant_probe", "tenant_train", "tenant_apply",
+                   "tenant_evaluate"]
 STEP_NAMES: tuple[str, ...] = StepName.__args__  # type: ignore[attr-defined]
 JobStateName = Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
 
@@ -167,7 +170,7 @@ class Accepted(Message, frozen=True, kw_only=True, tag="accepted"):
 
 
 class JobStatus(Message, frozen=True, kw_only=True, tag="job_status"):
-    """A job's state on its agent."""
+    """A job's state on its agent (what a daemon applies when the job's events are lost)."""
 
     job_id: str
     state: JobStateName
@@ -175,6 +178,10 @@ class JobStatus(Message, frozen=True, kw_only=True, tag="job_status"):
     result: dict[str, Any] = {}
     artifacts: dict[str, str] = {}
     error: str | None = None
+    code: str = ""  # a failed job's error code, hint and detail, as in its job_failed event
+    hint: str = ""
+    detail: dict[str, Any] = {}
+    endpoint: EndpointDeployed | None = None  # a deploy job that serves
 
 
 class RunInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -147,6 +147,7 @@ class JobFailed(Message, frozen=True, kw_only=True, tag="job_failed"):
     code: str = "job_failed"
     message: str
     hint: str = ""
+    detail: dict[str, Any] = {}  # e.g. the settings an out-of-memory step ran with
 
 
 class JobCancelled(Message, frozen=True, kw_only=True, tag="job_cancelled"):

@@ -12,6 +12,7 @@ AGENTS_BUCKET = "stratos_agents"
 ENDPOINTS_BUCKET = "stratos_endpoints"
 ARTIFACTS_BUCKET = "stratos_artifacts"
 COSTMODEL_BUCKET = "stratos_costmodel"  # learned efficiency per (hardware, size, trainer, phase)
+TENANTS_BUCKET = "stratos_tenants"  # tenants jobs (schemas.tenants.TenantJobState)
 
 EVENTS_SUBJECTS = [f"{PREFIX}.evt.>"]
 TELEMETRY_SUBJECTS = [f"{PREFIX}.tlm.>"]
@@ -24,6 +25,7 @@ DAEMON_VERBS = (
     "submit", "runs", "run", "cancel", "servers", "plugins", "plan", "endpoints", "undeploy",
     "report", "calibrate", "resume",
 )
+TENANT_VERBS = ("tenants",)  # schemas.tenants commands, decoded by their own decoder
 
 
 def _tok(value: str, what: str) -> str:

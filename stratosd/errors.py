@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 
 class StratosError(Exception):
@@ -94,9 +94,14 @@ class AgentIncompatible(StratosError):
 
 
 class JobFailed(StratosError):
-    """A job failed on its agent."""
+    """A job failed on its agent in a way a retry may fix (a crash, the bus, a lost event)."""
 
     code = "job_failed"
+
+    def __init__(self, message: str, hint: str = "", field: str | None = None, *,
+                 child_code: str = "job_failed") -> None:
+        super().__init__(message, hint, field)
+        self.child_code = child_code
 
 
 class RemoteError(StratosError):
@@ -113,3 +118,46 @@ class MissingDependency(StratosError, ImportError):
     """An optional package is missing; hint names the extra to install."""
 
     code = "missing_dependency"
+
+
+class JobRejected(RemoteError):
+    """A job failed in a way no retry can fix; remote_code is the child's own code."""
+
+    code = "job_rejected"
+
+
+class OutOfMemory(StratosError):
+    """A step ran out of memory; detail holds the settings it ran with (micro-batch, ...)."""
+
+    code = "out_of_memory"
+
+    def __init__(self, message: str, hint: str = "", field: str | None = None, *,
+                 detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message, hint, field)
+        self.detail = dict(detail or {})
+
+
+# How a job's failure is handled, by the code its child (or agent) reported.
+FailureClass = Literal["permanent", "transient", "out_of_memory"]
+PERMANENT_CODES = frozenset({
+    "config",  # a bad job spec or argument; a model that does not exist or cannot be loaded
+    "bad_message",  # inputs that fail validation
+    "not_found",  # an input artifact that is not there
+    "unsupported",
+    "plugin",
+    "missing_dependency",
+    "infeasible",
+    "agent_incompatible",
+})
+
+
+def failure_class(code: str) -> FailureClass:
+    """permanent: fail the run now; out_of_memory: degrade, then retry; else retry."""
+    if code == OutOfMemory.code:
+        return "out_of_memory"
+    return "permanent" if code in PERMANENT_CODES else "transient"
+
+
+def reported_code(exc: StratosError) -> str:
+    """The code a run or client should see: a remote side's or a child's own code wins."""
+    return exc.remote_code if isinstance(exc, RemoteError) else exc.code

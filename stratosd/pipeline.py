@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,13 +30,16 @@ from schemas.events import (
     RunSubmitted,
 )
 from schemas.specs import RunSpec
+from stratosd.degrade import Degradation, next_degradation, nothing_left
 from stratosd.errors import (
     AgentUnavailable,
     ConfigError,
     Conflict,
     JobFailed,
     NotFound,
+    OutOfMemory,
     StratosError,
+    reported_code,
 )
 from stratosd.store import RunStore
 
@@ -52,7 +56,11 @@ STAGES: tuple[str, ...] = (
     "deploy",
     "report",
 )
+# transient failures retry; a permanent one (JobRejected, ConfigError, ...) fails the run at
+# once; OutOfMemory degrades the stage's settings first (see next_degradation)
 RETRYABLE = (AgentUnavailable, JobFailed)
+# states no cancel may overwrite
+FINAL = ("completed", "failed", "cancelled")
 # a resume takes these up again; "cancelled" too: cancelling keeps every result and artifact
 RESUMABLE = ("failed", "stopped", "cancelled")
 StageFn = Callable[["StageRun"], Awaitable[dict[str, Any]]]
@@ -125,9 +133,9 @@ class Pipeline:
         self.backoff_s = backoff_s
         # awaited before every stage attempt (a safe point); a verdict stops the run there
         self.budget_check = budget_check
-        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}  # running runs only
         self.live: dict[str, StageRun] = {}
-        self.job_run: dict[str, tuple[str, str]] = {}
+        self._ending: set[str] = set()  # runs whose task is writing their end state
 
     async def submit(self, spec: RunSpec, run_id: str | None = None) -> RunInfo:
         """Store a new run and start it; the same run_id twice returns the existing run."""
@@ -154,8 +162,25 @@ class Pipeline:
         if run_id in self.tasks and not self.tasks[run_id].done():
             return
         # a fresh context: the submit handler's bound log fields must not follow the run
-        self.tasks[run_id] = asyncio.create_task(self._drive(run_id), name=f"run-{run_id}",
-                                                 context=contextvars.Context())
+        task = asyncio.create_task(self._drive(run_id), name=f"run-{run_id}",
+                                   context=contextvars.Context())
+        self.tasks[run_id] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self.tasks.get(run_id) is done:  # a finished run's task is not kept
+                del self.tasks[run_id]
+
+        task.add_done_callback(forget)
+
+    @contextlib.contextmanager
+    def _writing_end(self, run_id: str) -> Iterator[None]:
+        """Mark the run's task as writing its end state: a cancel then waits, never interrupts
+        it (so the end state and its event are both written, or neither)."""
+        self._ending.add(run_id)
+        try:
+            yield
+        finally:
+            self._ending.discard(run_id)
 
     async def resume_all(self) -> list[str]:
         """Restart every queued/running run from its stored stage."""
@@ -168,19 +193,30 @@ class Pipeline:
         return resumed
 
     async def cancel(self, run_id: str) -> RunInfo:
-        """Cancel a run: stop its task (the stage cancels its agent job) and mark it."""
+        """Cancel a run: stop its task (the stage cancels its agent job) and mark it.
+
+        Atomic against the run's own end: a task already writing its end state is waited for,
+        not interrupted, and the state is written only over an unfinished run (revision
+        checked), so a run that completed, failed or was cancelled meanwhile stays so
+        (Conflict)."""
         run = await self.store.get(run_id)
-        if run.state in ("completed", "failed", "cancelled"):
-            raise Conflict(f"run {run_id} already {run.state}", hint="nothing to cancel")
+        _refuse_cancel(run)
         task = self.tasks.get(run_id)
         if task is not None and not task.done():
-            task.cancel()
+            if run_id not in self._ending:
+                task.cancel()
+            await asyncio.wait({task})  # its outcome (cancelled or ended) stays with the task
+        for _ in range(5):
+            run = await self.store.get(run_id)
+            _refuse_cancel(run)
             try:
-                await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
-        run = await self.store.get(run_id)
-        run = await self.store.save(run, state="cancelled")
+                run = await self.store.save(run, state="cancelled")
+                break
+            except Conflict:  # written in between (another cancel, a resume): look again
+                continue
+        else:
+            raise Conflict(f"run {run_id} keeps changing; it was not cancelled",
+                           hint=f"try again: stratosctl cancel {run_id}")
         await self.publish(subjects.run_event(run_id, "cancelled"),
                            RunCancelled(run_id=run_id, stage=run.stage, source="stratosd"))
         return run
@@ -289,12 +325,26 @@ class Pipeline:
                         await asyncio.sleep(min(30.0, self.backoff_s * 2.0 ** (tries - 1)))
                         attempt += 1
                         continue
+                    except OutOfMemory as exc:
+                        run = await self.store.get(run_id)
+                        step = next_degradation(run, stage, exc.detail)
+                        if step is None:
+                            await self._fail(run, stage, nothing_left(run, stage, exc))
+                            return
+                        # a degraded attempt does not use up one of the stage's retries
+                        base += 1
+                        run = await self._degrade(run, stage, step, base)
+                        attempt += 1
+                        continue
                     except StratosError as exc:
                         run = await self.store.get(run_id)
                         await self._fail(run, stage, exc)
                         return
                     duration = time.monotonic() - t0
                     run = await self.store.get(run_id)
+                    if run.progress.get(f"degradations_{stage}"):  # what the report shows
+                        result = {**result, "degradations":
+                                  list(run.progress[f"degradations_{stage}"])}
                     run = await self.store.save(run, results={**run.results, stage: result})
                     await self.publish(
                         subjects.run_event(run_id, "stage_completed"),
@@ -303,10 +353,11 @@ class Pipeline:
                                           duration_s=round(duration, 3), source="stratosd"))
                     log.info("stage_completed", duration_s=round(duration, 2))
                     break
-        run = await self.store.save(run, state="completed", stage="done")
-        summary = dict(run.results.get("report", {}))
-        await self.publish(subjects.run_event(run_id, "completed"),
-                           RunCompleted(run_id=run_id, summary=summary, source="stratosd"))
+        with self._writing_end(run_id):
+            run = await self.store.save(run, state="completed", stage="done")
+            summary = dict(run.results.get("report", {}))
+            await self.publish(subjects.run_event(run_id, "completed"),
+                               RunCompleted(run_id=run_id, summary=summary, source="stratosd"))
         log.info("run_completed")
 
     async def _over_budget(self, run: RunInfo, stage: str) -> bool:
@@ -327,33 +378,76 @@ class Pipeline:
         """State "stopped" at stage; results, jobs and artifacts stay for `stratosctl resume`."""
         message = budget_message(stage, verdict)
         hint = resume_hint(run.run_id, verdict.spent_usd, verdict.next_usd)
-        await self.store.save(run, state="stopped", stage=stage,
-                              error={"code": "budget_exhausted", "message": message,
-                                     "hint": hint})
-        await self.publish(subjects.run_event(run.run_id, "budget_exhausted"),
-                           RunBudgetExhausted(run_id=run.run_id, stage=stage,
-                                              budget_usd=verdict.budget_usd,
-                                              spent_usd=verdict.spent_usd,
-                                              next_usd=verdict.next_usd, message=message,
-                                              source="stratosd"))
+        with self._writing_end(run.run_id):
+            await self.store.save(run, state="stopped", stage=stage,
+                                  error={"code": "budget_exhausted", "message": message,
+                                         "hint": hint})
+            await self.publish(subjects.run_event(run.run_id, "budget_exhausted"),
+                               RunBudgetExhausted(run_id=run.run_id, stage=stage,
+                                                  budget_usd=verdict.budget_usd,
+                                                  spent_usd=verdict.spent_usd,
+                                                  next_usd=verdict.next_usd, message=message,
+                                                  source="stratosd"))
         log.warning("run_budget_exhausted", stage=stage, budget_usd=verdict.budget_usd,
                     spent_usd=verdict.spent_usd, next_usd=verdict.next_usd)
 
     async def _fail(self, run: RunInfo, stage: str, exc: StratosError) -> None:
-        error = {"code": exc.code, "message": exc.message, "hint": exc.hint}
+        code = reported_code(exc)  # a child's own code (config, not_found, ...) is kept
+        error = {"code": code, "message": exc.message, "hint": exc.hint}
         if exc.field:
             error["field"] = exc.field
-        await self.store.save(run, state="failed", error=error)
-        await self.publish(subjects.run_event(run.run_id, "failed"),
-                           RunFailed(run_id=run.run_id, stage=stage, code=exc.code,
-                                     message=exc.message, hint=exc.hint, source="stratosd"))
-        log.warning("run_failed", stage=stage, code=exc.code, error=exc.message)
+        with self._writing_end(run.run_id):
+            await self.store.save(run, state="failed", error=error)
+            await self.publish(subjects.run_event(run.run_id, "failed"),
+                               RunFailed(run_id=run.run_id, stage=stage, code=code,
+                                         message=exc.message, hint=exc.hint, source="stratosd"))
+        log.warning("run_failed", stage=stage, code=code, error=exc.message)
+
+    async def _degrade(self, run: RunInfo, stage: str, step: Degradation, base: int) -> RunInfo:
+        """Apply one out-of-memory degradation to the run and record it."""
+        notes = [*run.progress.get(f"degradations_{stage}", []), step.note]
+        progress = {**run.progress, f"degradations_{stage}": notes, f"retry_base_{stage}": base}
+        changes: dict[str, Any] = {"progress": progress}
+        if step.train:
+            changes["spec"] = msgspec.structs.replace(run.spec,
+                                                      train={**run.spec.train, **step.train})
+        if step.student:
+            chosen = dict(run.results.get("select_student", {}))
+            progress["oom_students"] = [*run.progress.get("oom_students", []),
+                                        chosen.get("chosen")]
+            chosen.update(chosen=step.student,
+                          reason=f"{chosen.get('reason', '')}; then {step.note}".lstrip("; "))
+            changes["results"] = {**run.results, "select_student": chosen}
+            await self._drop_train_checkpoint(run.run_id)  # another model's: never resume it
+        run = await self.store.save(run, **changes)
+        log.warning("stage_degraded", degradation=step.note, changed=sorted(step.train),
+                    student=step.student)
+        await self.publish(subjects.run_event(run.run_id, "progress"),
+                           RunProgress(run_id=run.run_id, stage=stage, message=step.note,
+                                       source="stratosd"))
+        return run
+
+    async def _drop_train_checkpoint(self, run_id: str) -> None:
+        services = getattr(self, "services", None)
+        if services is None:
+            return
+        key = f"{run_id}/train-checkpoint.tar"  # what stratosd.stages.train resumes from
+        try:
+            await services.bus.delete_artifact(key)  # a missing key is no error
+        except Exception:  # noqa: BLE001 - the bus may be away; the train job then fails
+            log.warning("checkpoint_not_dropped", key=key, exc_info=True)
 
     async def stop(self) -> None:
         """Cancel run tasks without marking runs (they resume on the next start)."""
-        for task in self.tasks.values():
+        tasks = list(self.tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _refuse_cancel(run: RunInfo) -> None:
+    if run.state in FINAL:
+        raise Conflict(f"run {run.run_id} already {run.state}", hint="nothing to cancel")
 
 
 def budget_message(stage: str, verdict: BudgetVerdict) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stratosd.api import TrainContext
-from stratosd.errors import ConfigError
+from stratosd.errors import ConfigError, OutOfMemory
 
 if TYPE_CHECKING:
     from transformers import Trainer as HFTrainer
@@ -88,6 +88,12 @@ def run_hf_trainer(trainer: HFTrainer, ctx: TrainContext, callback: Any, name: s
     t0 = time.monotonic()
     try:
         trainer.train(resume_from_checkpoint=resume)
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        text = str(exc).lower()
+        if isinstance(exc, RuntimeError) and "out of memory" not in text and \
+                "can't allocate memory" not in text:  # the CPU allocator's words
+            raise
+        raise out_of_memory(trainer, exc) from exc
     finally:
         torch.set_num_threads(before)
     wall = time.monotonic() - t0
@@ -116,6 +122,19 @@ def run_hf_trainer(trainer: HFTrainer, ctx: TrainContext, callback: Any, name: s
         "step_time_median_s": (round(statistics.median(callback.step_times), 5)
                                if callback.step_times else None),
     }
+
+
+def out_of_memory(trainer: HFTrainer, exc: BaseException) -> OutOfMemory:
+    """OutOfMemory with the settings training ran with: the daemon degrades from them."""
+    args = trainer.args
+    ckpt = getattr(args, "gradient_checkpointing", False) or \
+        getattr(args, "activation_checkpointing", False)
+    detail = {"per_device_train_batch_size": int(args.per_device_train_batch_size),
+              "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
+              "gradient_checkpointing": bool(ckpt)}
+    return OutOfMemory(f"out of memory while training: {type(exc).__name__}: {exc}"[:2000],
+                       hint="the daemon retries with a smaller micro-batch, then gradient "
+                       "checkpointing, then a smaller student", detail=detail)
 
 
 def write_train_card(out_dir: Path, ctx: TrainContext, kind: str, metrics: Mapping[str, Any],

@@ -194,11 +194,9 @@ async def test_agent_killed_mid_training_resumes_on_the_other_agent(
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(("stage", "down_s"), [
     ("synthesize", 0.0),
-    # When training ends inside the 8-s outage, the agent drops its job_completed (it has no
-    # outbox yet) and the run waits forever: issue 16, item 1. Seen in full runs, not alone.
-    pytest.param("train", 8.0, marks=pytest.mark.xfail(
-        strict=False, reason="issue 16: a terminal event published during a bus outage is "
-        "lost (no agent outbox, no daemon reconciliation yet)")),
+    # Training may end inside the 8-s outage: its job_completed waits in the agent's outbox
+    # until JetStream is back and acks it (agents/outbox.py).
+    ("train", 8.0),
 ], ids=["quick-restart", "down-8s-mid-training"])
 async def test_nats_restart_mid_run_loses_nothing(
     cluster: tuple[Cluster, Bus], nats_server: NatsServer, stage: str, down_s: float,
