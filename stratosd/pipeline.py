@@ -299,6 +299,8 @@ class Pipeline:
                 continue
             attempt = int(run.progress.get(f"attempts_{stage}", 0)) + 1
             base = int(run.progress.get(f"retry_base_{stage}", 0))
+            if reattach(run, stage, attempt - 1, base):
+                attempt -= 1  # a daemon restart: the attempt's jobs may still be running
             while True:
                 if await self._over_budget(run, stage):
                     return
@@ -463,6 +465,15 @@ def suggested_budget(spent_usd: float, next_usd: float) -> float:
     if need >= 1.0:
         return float(math.floor(need) + 1)
     return math.floor(need * 100 + 1) / 100
+
+
+def reattach(run: RunInfo, stage: str, attempt: int, base: int) -> bool:
+    """Whether to re-enter `attempt` instead of starting a new one: the run was in this stage
+    when the daemon stopped, the attempt sent jobs, and no `resume` started counting afresh
+    (which sets the retry base to the attempt). run_job then finds each job by its key and
+    waits for it, or sends it again if its agent lost it."""
+    return (attempt > base and run.stage == stage
+            and any(k.endswith(f"#{attempt}") for k in run.jobs))
 
 
 def resume_hint(run_id: str, spent_usd: float, next_usd: float) -> str:

@@ -253,3 +253,25 @@ def test_apply_overrides_paths() -> None:
     assert out.teachers[0].model == "other" and out.students[0].params == {"r": 8}
     assert apply_overrides(spec, {"constraints.budget_usd": None}).constraints.budget_usd is None
     assert apply_overrides(spec, {}) == spec
+
+
+def test_a_restarted_daemon_reenters_the_attempt_whose_jobs_may_still_run() -> None:
+    from datetime import UTC, datetime
+
+    import msgspec
+
+    from schemas.specs import RunSpec
+    from stratosd.pipeline import reattach
+
+    now = datetime.now(UTC)
+    spec = RunSpec(name="r", task={"name": "mahjong-winning-tiles"},
+                   teachers=[{"backend": "reference"}], students=[{"model": "config:tiny"}])
+    run = RunInfo(run_id="01jreattach000000000000000", name="r", state="running",
+                  stage="train", created=now, updated=now, spec=spec,
+                  jobs={"train#2": "j2", "train#2@agent": "cpu-1"},
+                  progress={"attempts_train": 2})
+    assert reattach(run, "train", 2, base=0)  # the job of attempt 2 may still be running
+    assert not reattach(run, "train", 2, base=2)  # `resume` counts afresh: a new attempt
+    assert not reattach(run, "evaluate", 2, base=0)  # not the stage it was in
+    no_job = msgspec.structs.replace(run, jobs={})
+    assert not reattach(no_job, "train", 2, base=0)  # nothing sent: start a new attempt

@@ -43,6 +43,12 @@ async def test_daemon_killed_mid_run_resumes(nats_url: str, tmp_path: Path) -> N
 
         sub = await bus.js.subscribe(subjects.run_events(run_id), cb=cb, ordered_consumer=True)
         await asyncio.wait_for(started.wait(), 240)
+
+        async def sent() -> None:  # the synthesis job is on the agent
+            while "synthesize#1" not in (await bus.request(
+                    subjects.daemon_cmd("run"), GetRun(run_id=run_id))).run.jobs:
+                await asyncio.sleep(0.1)
+        await asyncio.wait_for(sent(), 60)
         daemon.kill()  # mid-run, with an agent job in flight
         daemon2 = Proc(["-m", "stratosd", "--nats", nats_url, "--log-format", "json"],
                        tmp_path / "d2.log", env)
@@ -55,6 +61,8 @@ async def test_daemon_killed_mid_run_resumes(nats_url: str, tmp_path: Path) -> N
             assert run.state == "completed", run.error
             assert {"synthesize", "train", "evaluate", "report"} <= set(run.results)
             assert "run_resumed" in daemon2.output()
+            # the new daemon waited for the job in flight instead of sending it again
+            assert "synthesize#2" not in run.jobs, run.jobs
         finally:
             await sub.unsubscribe()
             daemon2.stop()
