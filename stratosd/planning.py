@@ -87,7 +87,8 @@ def plan_rows(
     for i, o in enumerate(chosen_rows):
         est = costing.estimate(o)
         usd = est.usd
-        assert usd is not None
+        if usd is None:  # JobCosting.estimate always prices the job; None is a model bug
+            raise TypeError(f"cost model gave no $ estimate for {o.id}")
         row: dict[str, Any] = {
             "id": o.id,
             "kind": "agent" if o.agent_id else "catalog (no agent)",

@@ -301,7 +301,8 @@ async def _one(ex: Example, mode: Any, base: SynthesisContext) -> Entry:
 
 
 def _row_key(row: DataRow | None) -> tuple[str, str]:
-    assert row is not None
+    if row is None:  # only kept rows are keyed; a kept row always has its data
+        raise TypeError("a kept synthesis row has no data")
     return (row.question.strip(), row.target.strip())
 
 
