@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 
@@ -24,6 +24,9 @@ from schemas.specs import TeacherSpec
 from stratosd import hookimpl
 from stratosd.api import Generation, TaskPack, TeacherBackend, TeacherRequest
 from stratosd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from plugins.models.hf import GenOut
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -229,11 +232,29 @@ def open_protocol() -> tuple[Any, Any]:
     return send, sys.stdin
 
 
+def generate_prompts(model: Any, tokenizer: Any, prompts: list[str], *, chat: bool,
+                     **kwargs: Any) -> list[GenOut]:
+    """Generate for raw prompts: as one user turn in the model's chat format, or verbatim.
+
+    With `chat`, each prompt is rendered by `plugins.models.prompting` (the same rendering
+    students are trained and served with), so the template's own special tokens are not
+    added a second time (a Llama-3 teacher gets one `<|begin_of_text|>`, not two).
+    Without it, the prompt is encoded as is, with the tokenizer's special tokens.
+    """
+    from plugins.models import prompting
+    from plugins.models.hf import generate_batch
+
+    if chat:
+        return prompting.generate_chat(
+            model, tokenizer, [prompting.user_messages(p) for p in prompts], **kwargs)
+    return generate_batch(model, tokenizer, prompts, **kwargs)
+
+
 def _worker(model_ref: str, seed: int, chat: bool) -> int:
     """Child process: load the model, then answer one JSON line per batch on stdout."""
     send, stdin = open_protocol()
     try:
-        from plugins.models.hf import generate_batch, load_model
+        from plugins.models.hf import load_model
 
         model, tokenizer = load_model(model_ref, seed=seed)
         device = str(next(model.parameters()).device)
@@ -246,16 +267,9 @@ def _worker(model_ref: str, seed: int, chat: bool) -> int:
             continue
         msg = json.loads(line)
         try:
-            prompts = msg["prompts"]
-            if chat and getattr(tokenizer, "chat_template", None):
-                prompts = [
-                    tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                                  tokenize=False, add_generation_prompt=True)
-                    for p in prompts
-                ]
-            outs = generate_batch(model, tokenizer, prompts,
-                                  max_new_tokens=msg["max_new_tokens"],
-                                  temperature=msg["temperature"], seed=msg["seed"])
+            outs = generate_prompts(model, tokenizer, msg["prompts"], chat=chat,
+                                    max_new_tokens=msg["max_new_tokens"],
+                                    temperature=msg["temperature"], seed=msg["seed"])
             send({"outputs": [
                 {"text": o.text, "prompt_tokens": o.prompt_tokens,
                  "completion_tokens": o.completion_tokens} for o in outs
