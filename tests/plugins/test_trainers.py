@@ -241,6 +241,9 @@ def test_grpo_trains_with_task_reward(tmp_path: Path) -> None:
         "max_steps": 4, "save_steps": 2, "max_completion_length": 4,
         "per_device_train_batch_size": 8, "num_generations": 4}))
     assert metrics["steps"] == 4 and metrics["final_reward"] is not None
+    # The synthesised rows have targets: a short SFT warm start ran first (one pass).
+    assert metrics["warm_start"]["source"] == "sft" and metrics["warm_start"]["steps"] == 2
+    assert len(metrics["reward_curve"]) == 4
     assert metrics["train_tokens"] > 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert (tmp_path / "ckpt" / "checkpoint-4" / "optimizer.pt").is_file()
