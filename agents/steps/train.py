@@ -5,18 +5,26 @@ Inputs: `dataset` (required, the synthesis JSONL) and `resume` (optional checkpo
 Output artifact `model`: a LoRA adapter (adapter_config.json names the portable base ref) or a
 full model directory. Checkpoints land in `state_dir/checkpoints` (survives retries) and are
 uploaded through `ctx.checkpoint` after each save.
+
+Devices: the agent holds its whole device set for a training step (agents.runner
+TRAINING_STEPS); the step uses all of it: one rank per device (params `ranks`, 0 = all,
+`strategy` auto/ddp/fsdp), launched by torchrun (`plugins.trainers.distributed`). One rank
+trains in this process, as before. A resumed checkpoint keeps its data order on any world size.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import structlog
 
 from agents.stepctx import StepContext
+from plugins.trainers import distributed, hparams
 from schemas.specs import TaskSpec
-from stratosd.api import TrainContext
+from stratosd.api import TrainContext, Trainer
 from stratosd.errors import ConfigError
 from stratosd.plugins import lookup
 
@@ -24,7 +32,7 @@ log = structlog.stdlib.get_logger(__name__)
 
 ARGS = ("model", "trainer", "params", "task", "seed")
 METRIC_KEYS = ("final_loss", "first_loss", "steps", "train_time_s", "tokens_per_s",
-               "train_tokens", "peak_rss_mib", "trainer")
+               "train_tokens", "peak_rss_mib", "trainer", "ranks", "strategy")
 
 
 def run(ctx: StepContext) -> dict[str, Any]:
@@ -58,28 +66,69 @@ def run(ctx: StepContext) -> dict[str, Any]:
     ckpt_dir = ctx.state_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     resume = ctx.inputs.get("resume")
+    plan = launch_plan(trainer_cls, params, resume, model)
+
+    def checkpoint(path: Path) -> None:
+        distributed.write_world(path, plan)  # how it was written: a resume may change it
+        ctx.checkpoint(path)
+
     tctx = TrainContext(
         model=model,
         train_file=dataset,
         out_dir=ctx.output("model"),
         checkpoint_dir=ckpt_dir,
-        params=params,
+        params=distributed.rank_params(params, plan) if plan.launched else params,
         task=task,
         resume_from=resume,
         seed=int(args.get("seed", 0)),
         progress=ctx.progress,
-        checkpoint=ctx.checkpoint,
+        checkpoint=checkpoint if not plan.launched else ctx.checkpoint,
         should_stop=ctx.should_stop,
     )
     ctx.log(f"training {model} with {trainer_name}"
-            + (f", resuming from {resume.name}" if resume else ""))
-    metrics = trainer_cls().train(tctx)
+            + (f" on {plan.ranks} ranks ({plan.strategy}: {plan.reason})" if plan.launched
+               else "") + (f", resuming from {resume.name}" if resume else ""))
+    if plan.launched:
+        threads = rank_threads(params, plan.ranks)
+        if "cpu_threads" not in params and hparams.agent_job_threads():
+            tctx.params["cpu_threads"] = threads  # the agent's cap, shared by the ranks
+        metrics = distributed.launch(trainer_name, tctx, plan, task=args.get("task") or None,
+                                     threads=threads)
+    else:
+        distributed.prepare_resume(resume, 1)
+        metrics = trainer_cls().train(tctx)
+        metrics.update(ranks=1, strategy="single")
     result = {k: metrics.get(k) for k in METRIC_KEYS}
     result["trainer"] = result["trainer"] or trainer_name
     result.update({k: v for k, v in metrics.items() if k not in result and k != "loss_curve"})
     result["loss_history"] = metrics.get("loss_curve", [])[-200:]  # for the report's plot
     result["model"] = model
     return dict(_jsonable(result))
+
+
+def launch_plan(trainer_cls: type[Trainer], params: dict[str, Any], resume: Path | None,
+                model: str) -> distributed.LaunchPlan:
+    """Ranks and strategy for this job on the devices the agent holds (see distributed)."""
+    devices = distributed.device_count()
+    fits = None
+    if devices and str(params.get("strategy") or "auto") == "auto":
+        from plugins.students.strategy import replica_fits_device
+
+        fits = replica_fits_device(model, trainer_cls.name, params)
+    return distributed.plan_launch(
+        params, devices=devices,
+        supports_ranks=bool(getattr(trainer_cls, "supports_ranks", False)),
+        supports_fsdp=bool(getattr(trainer_cls, "supports_fsdp", False)),
+        world=distributed.read_world(resume) if resume else None, fits_one_device=fits)
+
+
+def rank_threads(params: dict[str, Any], ranks: int) -> int:
+    """CPU threads per rank: the job's cpu_threads, else the agent's cap shared by the ranks."""
+    asked = params.get("cpu_threads")
+    if isinstance(asked, int) and asked > 0:
+        return asked
+    cap = hparams.agent_job_threads() or (os.cpu_count() or 1)
+    return max(1, cap // max(ranks, 1))
 
 
 def _jsonable(value: Any) -> Any:

@@ -33,6 +33,8 @@ COMMON_PARAMS: dict[str, str] = {
     "bf16": "bfloat16 mixed precision (GPU)",
     "progress_interval_s": "seconds between progress reports",
     "cpu_threads": "torch CPU threads while training (0: torch's default)",
+    "ranks": "data-parallel ranks, one per device (0: every device the agent holds; 1 on CPU)",
+    "strategy": "auto (one replica per rank), ddp, or fsdp (shard the training state)",
 }
 LORA_PARAMS: dict[str, str] = {
     "lora_r": "LoRA rank",
@@ -92,7 +94,7 @@ def size_defaults(n_params: int, trainer: str, *, cuda: bool = False) -> dict[st
         max_steps=-1, num_train_epochs=3, save_total_limit=2, weight_decay=0.0,
         lr_scheduler_type="linear", max_grad_norm=1.0, lora_dropout=0.0,
         lora_target_modules="all-linear", bf16=cuda and n_params >= TINY_MAX_PARAMS,
-        progress_interval_s=2.0,
+        progress_interval_s=2.0, ranks=0, strategy="auto",
         # Tiny matrices gain nothing from intra-op threads, and lose a lot when cores are shared;
         # an agent's --threads cap (STRATOS_JOB_THREADS) is what it calibrated with: use it.
         cpu_threads=agent_job_threads() or (1 if n_params < TINY_MAX_PARAMS and not cuda else 0),
@@ -139,10 +141,18 @@ def resolve_params(
     if cap and isinstance(threads, int) and not 0 < threads <= cap:
         params["cpu_threads"] = cap  # the agent's cap holds even against an override
     for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                "save_steps", "logging_steps", "max_length"):
+                "save_steps", "logging_steps", "max_length", "ranks"):
         if key in params and not isinstance(params[key], int):
             raise ConfigError(f"training param {key!r} must be an integer, got {params[key]!r}",
                               hint="pass a whole number", field=f"train.{key}")
+    if "per_device_train_batch_size" in params and "gradient_accumulation_steps" in params:
+        # The batch is the job's global one (one rank's figures); under torchrun each rank
+        # takes its share, so any world size sees the same examples per optimizer step.
+        from plugins.trainers.distributed import rank_batch
+
+        params["per_device_train_batch_size"], params["gradient_accumulation_steps"] = \
+            rank_batch(params["per_device_train_batch_size"],
+                       params["gradient_accumulation_steps"])
     return params
 
 
@@ -181,4 +191,21 @@ def training_kwargs(params: Mapping[str, Any], ctx: TrainContext, *, cuda: bool)
         "disable_tqdm": True,
         "save_only_model": False,  # optimizer, scheduler and RNG state make resume exact
         "dataloader_num_workers": 0,
+        # Ranks (under torchrun) average the loss over all ranks' tokens, as one process would.
+        "average_tokens_across_devices": True,
+        "ddp_find_unused_parameters": False,
+        **fsdp_kwargs(params),
+    }
+
+
+def fsdp_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
+    """FSDP2 full sharding (one block per unit, full state dicts: a checkpoint loads into one
+    process) when the launcher chose strategy "fsdp"; nothing otherwise."""
+    if params.get("strategy") != "fsdp":
+        return {}
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {"version": 2, "state_dict_type": "FULL_STATE_DICT",
+                        "activation_checkpointing": bool(params["gradient_checkpointing"])},
+        "activation_checkpointing": False,  # FSDP does it per wrapped block (fsdp_config)
     }

@@ -17,6 +17,7 @@ class LoraSFTTrainer(SFTRecipe):
     description: ClassVar[str] = "LoRA supervised fine-tuning (trl SFTTrainer + peft)"
     output_kind: ClassVar[str] = "adapter"
     extra_params: ClassVar[dict[str, str]] = hparams.LORA_PARAMS
+    supports_fsdp: ClassVar[bool] = False  # adapters replicate (ddp); sharded bases: not yet
 
     def peft_config(self, params: dict[str, Any]) -> Any:
         """The LoraConfig from params."""
@@ -25,6 +26,8 @@ class LoraSFTTrainer(SFTRecipe):
     def save(self, trainer: Any, tokenizer: Any, ctx: TrainContext,
              metrics: dict[str, Any]) -> None:
         """Adapter + tokenizer; adapter_config names the portable base ref."""
+        if not trainer.is_world_process_zero():  # ranks hold the same adapter: rank 0 saves
+            return
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         trainer.model.save_pretrained(str(ctx.out_dir))
         tokenizer.save_pretrained(str(ctx.out_dir))

@@ -24,6 +24,8 @@ class SFTRecipe(Trainer):
     name: ClassVar[str] = "sft-recipe"
     output_kind: ClassVar[str] = "full"
     extra_params: ClassVar[dict[str, str]] = {}
+    supports_ranks: ClassVar[bool] = True  # rank-safe under torchrun (see distributed)
+    supports_fsdp: ClassVar[bool] = True
 
     def __init__(self, model_seed: int = 0) -> None:
         self.model_seed = model_seed
@@ -93,7 +95,9 @@ class SFTRecipe(Trainer):
              metrics: dict[str, Any]) -> None:
         """Write the full model and tokenizer to ctx.out_dir."""
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        trainer.save_model(str(ctx.out_dir))
+        trainer.save_model(str(ctx.out_dir))  # every rank: FSDP gathers the full weights
+        if not trainer.is_world_process_zero():
+            return
         tokenizer.save_pretrained(str(ctx.out_dir))
         common.write_train_card(ctx.out_dir, ctx, self.output_kind, metrics, self.model_seed)
 

@@ -22,7 +22,7 @@ from schemas.stages import (
     SynthesizeResult,
 )
 from stratosd.costmodel.learn import EfficiencyBook
-from stratosd.costmodel.model import JobCosting, train_loop_prior_s
+from stratosd.costmodel.model import JobCosting, observe_scaling, train_loop_prior_s
 from stratosd.costmodel.work import TaskSample, estimate_work, task_sample
 from stratosd.errors import ConfigError
 from stratosd.results import stage_result
@@ -52,6 +52,7 @@ class CostModel:
         self.plugins = plugins
         self.book = book or EfficiencyBook()
         self._samples: dict[bytes, TaskSample] = {}
+        self._learned: set[str] = set()  # keys observed beyond the ones callers name in save
 
     def sample(self, spec: RunSpec) -> TaskSample:
         """Sizes of the job's task data (computed once per task and params)."""
@@ -134,7 +135,12 @@ class CostModel:
             self.book.observe(k, prior.seconds, measured_s)
         if phase == "train" and k:
             loop = result.get("train_time_s")
-            if isinstance(loop, int | float) and loop > 0:
+            ranks = result.get("ranks")
+            if isinstance(loop, int | float) and loop > 0 and isinstance(ranks, int) \
+                    and ranks > 1:  # what N ranks achieved: the scaling record, not one rank's
+                got = observe_scaling(self.book, costing.work, offer, ranks, float(loop))
+                self._learned.update([got] if got else [])
+            elif isinstance(loop, int | float) and loop > 0:
                 self.book.observe(k + ".loop", train_loop_prior_s(costing.work, offer),
                                   float(loop))
         return StageCost(phase=phase, server=offer.id, estimated_s=est_s,
@@ -152,8 +158,9 @@ class CostModel:
                         source="calibrated" if corr.n else "prior", n=corr.n, unit="s")
 
     async def save(self, bus: Any, keys: Sequence[str]) -> None:
-        """Persist the named records in KV."""
-        for k in keys:
+        """Persist the named records in KV (and any other record learned since the last save)."""
+        learned, self._learned = self._learned, set()
+        for k in dict.fromkeys([*keys, *sorted(learned)]):
             try:
                 await self.book.save(bus, k)
             except Exception:  # noqa: BLE001 - learning must never fail a run

@@ -5,7 +5,7 @@ Per phase, on one server (speeds per device from `capacity.offer_speed`, work fr
 
     train      FLOPs = T x (6P + 6 L h s)          full SFT, GRPO's training part
                FLOPs = T x (4P + 6 P_lora + 6 L h s)   LoRA (no weight gradients for frozen P)
-               seconds = FLOPs / (TFLOP/s x 1e12 x devices used x MFU)
+               seconds = FLOPs / (TFLOP/s x 1e12 x ranks x scaling efficiency(ranks) x MFU)
                + GRPO rollouts (decode, below) + a child's start-up and checkpoint uploads
     decode     per step: max(weight bytes / memory bandwidth, 2P x batch / FLOP/s) / MFU_decode
                + STEP_OVERHEAD_S (generate()'s own per-token cost), steps = new tokens / batch
@@ -14,6 +14,11 @@ Per phase, on one server (speeds per device from `capacity.offer_speed`, work fr
     evaluate   decode of the test prompts (before and after training)
     probe, prescreen, deploy: start-up + a few generations, learned per server class
     fixed      STARTUP_S per step child (imports, model load) + bytes ÷ disk/upload rates
+
+Ranks: the devices the trainer launches ranks on (JobWork.devices, capped by the server's);
+scaling efficiency = N ranks' throughput / (N x one rank's): a prior per device kind and rank
+count (bench/bench_scaling.py), corrected by what past runs with that many ranks measured
+(`learn` record `...scaling{N}`), never a fixed exponent.
 
 T: training tokens; P: parameters; L, h: layers, width; s: tokens per sequence (the attention
 term, causal: half of the 12 L h s of a full matrix). The whole job's time is the sum of the
@@ -27,6 +32,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
@@ -54,6 +60,14 @@ PRESCREEN_STEPS = 20
 DEPLOY_REQUESTS = 8
 DEPLOY_TOKENS = 32
 EVAL_BATCH = 16
+# Scaling efficiency priors by device kind and rank count: N ranks' tokens/s / (N x 1 rank's).
+# CPU: bench_scaling.py, 2 ranks x 1 thread on a 2-core dev VM (loaded: see the bench's note);
+# GPU: typical data-parallel figures for one server (NVLink/PCIe all-reduce), until measured.
+# A rank count missing from a table takes its largest entry's per-doubling loss further.
+PRIOR_SCALING: dict[str, dict[int, float]] = {
+    "cpu": {1: 1.0, 2: 0.8},
+    "gpu": {1: 1.0, 2: 0.93, 4: 0.9, 8: 0.85},
+}
 # A training time the user gives (est_train_hours) covers the training alone: provisioning,
 # image and model download and loading come on top, and no hardware speeds them up.
 GIVEN_SETUP_S = 900.0
@@ -87,19 +101,56 @@ def train_flops(w: JobWork) -> float:
     return w.train_tokens * (dense + attention)
 
 
-def prior_phases(w: JobWork, offer: ServerOffer) -> tuple[Speed, list[Phase]]:
-    """Prior seconds of every phase of the job on one server (efficiency = the priors)."""
+def ranks_used(w: JobWork, sp: Speed) -> int:
+    """Ranks the trainer launches there: the job's, capped by the server's devices."""
+    return max(1, min(w.devices, sp.devices))
+
+
+def prior_scaling(kind: str, ranks: int) -> float:
+    """The prior scaling efficiency of `ranks` ranks on a device kind (1.0 for one rank)."""
+    table = PRIOR_SCALING[kind]
+    if ranks in table:
+        return float(table[ranks])
+    below = max(n for n in table if n <= ranks)
+    top = max(table)
+    per_doubling = table[top] ** (1.0 / max(math.log2(top), 1.0)) if top > 1 else 1.0
+    return float(table[below] * per_doubling ** math.log2(ranks / below))
+
+
+def scaling_key(sp: Speed, w: JobWork, ranks: int) -> str:
+    """The learned record of the scaling efficiency of `ranks` ranks for this kind of job."""
+    return key(sp.hw_class, w.params, w.trainer, f"scaling{ranks}")
+
+
+def scaling(sp: Speed, w: JobWork, book: EfficiencyBook | None = None
+            ) -> tuple[int, float, str]:
+    """(ranks, scaling efficiency, its source): the prior, corrected by past runs' record."""
+    ranks = ranks_used(w, sp)
+    kind = "cpu" if sp.hw_class.startswith("cpu") else "gpu"
+    eff = prior_scaling(kind, ranks)
+    if ranks == 1 or book is None:
+        return ranks, eff, "prior"
+    corr = book.correction(scaling_key(sp, w, ranks))
+    if not corr.n:
+        return ranks, eff, "prior"
+    return ranks, min(eff / corr.factor, 1.0), f"learned from {corr.n} run(s)"
+
+
+def prior_phases(w: JobWork, offer: ServerOffer,
+                 book: EfficiencyBook | None = None) -> tuple[Speed, list[Phase]]:
+    """Prior seconds of every phase of the job on one server (efficiency = the priors; the
+    scaling efficiency of several ranks is the book's when it has a record)."""
     tiny = w.params < TINY_PARAMS
     sp = offer_speed(offer, job_threads(offer, tiny) if offer.gpu_count == 0 else None)
     kind = "gpu" if offer.gpu_count > 0 else "cpu"
     from stratosd.costmodel.learn import size_bucket
 
     mfu = PRIOR_MFU_CPU if kind == "cpu" else PRIOR_MFU_GPU[size_bucket(w.params)]
-    devices = max(1, min(w.devices, sp.devices))
+    devices, eff, eff_source = scaling(sp, w, book)
     start = STARTUP_S[kind] + w.weight_bytes / (sp.disk_mbps * 1e6)
     upload = w.artifact_bytes / (sp.upload_mbps * 1e6)
     flops = train_flops(w)
-    train_s = flops / (sp.tflops * 1e12 * devices * mfu)
+    train_s = flops / (sp.tflops * 1e12 * devices * eff * mfu)
     rollout = _decode_s(w.params, w.weight_bytes, w.rollout_tokens / 32.0, 32.0, 8, sp, kind) \
         if w.rollout_tokens else 0.0
     eval_s = _decode_s(w.params, w.weight_bytes, w.eval_prompts,
@@ -125,7 +176,9 @@ def prior_phases(w: JobWork, offer: ServerOffer) -> tuple[Speed, list[Phase]]:
         Phase("synthesis", start + synth, synth_basis),
         Phase("train", start + train_s + rollout + upload,
               f"{flops:.3g} FLOPs ({w.train_tokens:.3g} tokens, {w.params / 1e6:.3g}M params, "
-              f"{w.trainer}) at {sp.describe()} x {devices} device(s) x MFU {mfu:g}"
+              f"{w.trainer}) at {sp.describe()} x {devices} rank(s)"
+              + (f" x scaling efficiency {eff:.2f} ({eff_source})" if devices > 1 else "")
+              + f" x MFU {mfu:g}"
               + (f" + rollouts {rollout:.0f} s" if rollout else "")
               + f" + start-up {start:.0f} s + uploads {upload:.1f} s"),
         Phase("evaluate", 2 * start + eval_s,
@@ -136,7 +189,8 @@ def prior_phases(w: JobWork, offer: ServerOffer) -> tuple[Speed, list[Phase]]:
     return sp, phases
 
 
-def train_loop_prior_s(w: JobWork, offer: ServerOffer) -> float:
+def train_loop_prior_s(w: JobWork, offer: ServerOffer,
+                       book: EfficiencyBook | None = None) -> float:
     """Prior seconds of the training loop alone (what train_time_s measures)."""
     tiny = w.params < TINY_PARAMS
     sp = offer_speed(offer, job_threads(offer, tiny) if offer.gpu_count == 0 else None)
@@ -144,7 +198,27 @@ def train_loop_prior_s(w: JobWork, offer: ServerOffer) -> float:
     from stratosd.costmodel.learn import size_bucket
 
     mfu = PRIOR_MFU_CPU if kind == "cpu" else PRIOR_MFU_GPU[size_bucket(w.params)]
-    return train_flops(w) / (sp.tflops * 1e12 * max(1, min(w.devices, sp.devices)) * mfu)
+    devices, eff, _src = scaling(sp, w, book)
+    return train_flops(w) / (sp.tflops * 1e12 * devices * eff * mfu)
+
+
+def observe_scaling(book: EfficiencyBook, w: JobWork, offer: ServerOffer, ranks: int,
+                    loop_s: float) -> str | None:
+    """Learn the scaling efficiency of `ranks` ranks from a finished training loop: measured
+    seconds against the loop's prior with the prior scaling, corrected by the one-rank loop
+    record (so the record holds what the ranks cost, not the model's single-device error).
+    Returns the key it updated (None for one rank)."""
+    if ranks <= 1:
+        return None
+    w = msgspec.structs.replace(w, devices=ranks)
+    tiny = w.params < TINY_PARAMS
+    sp = offer_speed(offer, job_threads(offer, tiny) if offer.gpu_count == 0 else None)
+    if ranks_used(w, sp) != ranks:  # more ranks than the server has devices: CPU ranks
+        return None
+    one = key(sp.hw_class, w.params, w.trainer, "train") + ".loop"
+    predicted = train_loop_prior_s(w, offer) * book.correction(one).factor
+    k = scaling_key(sp, w, ranks)
+    return k if book.observe(k, predicted, loop_s) is not None else None
 
 
 @dataclass
@@ -187,7 +261,7 @@ class JobCosting:
         ck = hardware_kind(offer)
         got = self._cache.get(ck)
         if got is None:
-            got = self._cache[ck] = prior_phases(self.work, offer)
+            got = self._cache[ck] = prior_phases(self.work, offer, self.book)
             if self.given_train_hours is not None:
                 got = self._cache[ck] = self._given(offer, got)
         return got
@@ -196,7 +270,8 @@ class JobCosting:
             Speed, list[Phase]]:
         sp, phases = got
         ref = offer_speed(self.REFERENCE)
-        ratio = ref.tflops / max(sp.tflops * max(1, min(self.work.devices, sp.devices)), 1e-9)
+        ranks, eff, _src = scaling(sp, self.work, self.book)
+        ratio = ref.tflops / max(sp.tflops * ranks * eff, 1e-9)
         secs = (self.given_train_hours or 0.0) * 3600.0 * ratio + GIVEN_SETUP_S
         out = [Phase("train", secs, f"est_train_hours {self.given_train_hours:g} h on 1x A100 "
                      f"80GB x {ratio:.3g} (reference speed / this server's) + "
@@ -224,7 +299,8 @@ class JobCosting:
         for j, o in enumerate(table.kinds):
             sp, _ = self._priors(o)
             per_kind[0, j] = sum(p.seconds * c.factor for p, _k, c in self.phase_seconds(o))
-            per_kind[1, j] = sp.tflops * max(1, min(self.work.devices, sp.devices))
+            ranks, eff, _src = scaling(sp, self.work, self.book)
+            per_kind[1, j] = sp.tflops * ranks * eff
             per_kind[2, j] = sp.source == "measured"
         seconds, hardware, measured = (per_kind[:, table.kind] if len(table.kinds)
                                        else np.empty((3, 0)))

@@ -14,7 +14,10 @@ the same words for the plan and the report):
 - synthesis: rows x tries x max_new_tokens written by the teacher; a remote API teacher is
   billed per token at its price (`plugins.teachers.common.price_for`), and one with no known
   price is refused unless the job gives it;
-- evaluation: test prompts x max_new_tokens, twice (before and after training).
+- evaluation: test prompts x max_new_tokens, twice (before and after training);
+- devices: the ranks the trainer launches (`ranks`; 0, the default, is every device of the
+  server, which the cost model caps per offer); 1 for a trainer that runs on one device. The
+  global batch is the job's on any rank count, so the tokens trained do not depend on it.
 
 No torch: this runs in the daemon and in `stratosctl plan`.
 """
@@ -41,6 +44,7 @@ BPE_TOKENS_PER_CHAR = 0.3
 CHAR_TOKENS_PER_CHAR = 1.0
 SAMPLE_ROWS = 64  # rows whose text is measured for the mean length
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ALL_DEVICES = 1024  # `ranks = 0`: one rank per device, whatever the server has
 _STAGE_KEYS = ("synthesis", "prescreen", "evaluate", "deploy")
 _SIZE_IN_NAME = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)\s*([bm])(?![a-z])", re.IGNORECASE)
 
@@ -299,6 +303,24 @@ def estimate_work(
         teacher_usd=usd, teacher_tokens_per_s=tps, eval_prompts=2 * n_test,
         eval_new_tokens=float(2 * n_test * eval_new),
         artifact_bytes=shape.params * 4 * (3 if not lora else 1),
-        devices=1, notes=notes,
+        devices=train_ranks(spec, p, plugins, notes), notes=notes,
     )
+
+
+def train_ranks(spec: RunSpec, p: Mapping[str, Any], plugins: Plugins,
+                notes: dict[str, str]) -> int:
+    """Devices the trainer will launch ranks on (ALL_DEVICES: every one the server has)."""
+    try:
+        trainer = plugins.trainers.get(spec.trainer)
+    except ConfigError:
+        trainer = None
+    if not getattr(trainer, "supports_ranks", False):
+        notes["devices"] = f"{spec.trainer} trains on one device"
+        return 1
+    asked = _int(p.get("ranks"), 0)
+    if asked > 0:
+        notes["devices"] = f"ranks = {asked} (the job's)"
+        return asked
+    notes["devices"] = "one rank per device of the server (ranks = 0)"
+    return ALL_DEVICES
 

@@ -111,7 +111,8 @@ def test_api_teacher_needs_a_price(plugins: Plugins) -> None:
 
 
 def test_devices_the_trainer_does_not_use_are_not_credited(plugins: Plugins) -> None:
-    w = estimate_work(spec(), plugins)
+    one_rank = spec()
+    w = estimate_work(spec(train={**one_rank.train, "ranks": 1}), plugins)  # it uses one
     one = ServerOffer(id="1", gpu_model="H100", gpu_count=1, gpu_mem_mib=81920,
                       price_usd_per_hour=2.0)
     eight = msgspec.structs.replace(one, id="8", gpu_count=8, price_usd_per_hour=16.0)
