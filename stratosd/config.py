@@ -22,6 +22,7 @@ class StratosConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Settings shared by the daemon, agents and stratosctl. Secrets come only from env/files."""
 
     home: str = msgspec.field(default_factory=default_home)
+    # one URL or several, comma-separated (the servers of one cluster; any of them will do)
     nats_url: str | None = None
     nats_creds: str | None = None  # a .creds file (nkeys/JWT)
     nats_user: str | None = None
@@ -65,6 +66,10 @@ class StratosConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             return marker.read_text().strip()
         return "nats://127.0.0.1:4222"
 
+    def nats_urls(self) -> list[str]:
+        """resolved_nats_url() split into its servers (see split_nats_urls)."""
+        return split_nats_urls(self.resolved_nats_url())
+
 
 class DaemonConfig(StratosConfig, kw_only=True, forbid_unknown_fields=True):
     """Daemon settings. Without nats_url the daemon starts an embedded nats-server."""
@@ -83,6 +88,10 @@ class DaemonConfig(StratosConfig, kw_only=True, forbid_unknown_fields=True):
     # Prometheus metrics (docs/operations.md): unset = off; 0 = any free port (logged)
     metrics_port: Annotated[int, Meta(ge=0, le=65535)] | None = None
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 to let a remote Prometheus scrape
+    metrics_agents: bool = True  # per-agent series (11 + 3 per GPU); off for huge fleets
+    # JetStream replicas of the streams, KV buckets and object store the daemon creates:
+    # unset = min(3, the cluster's size) for new ones, existing ones keep theirs (docs/cluster.md)
+    replicas: Annotated[int, Meta(ge=1, le=5)] | None = None
 
 
 class AgentConfig(StratosConfig, kw_only=True, forbid_unknown_fields=True):
@@ -118,6 +127,17 @@ class AgentConfig(StratosConfig, kw_only=True, forbid_unknown_fields=True):
 C = TypeVar("C", bound=StratosConfig)
 
 
+def split_nats_urls(value: str) -> list[str]:
+    """Comma- (or space-) separated NATS URLs as a list, in order, duplicates dropped."""
+    urls = [u.strip() for u in value.replace(" ", ",").split(",")]
+    out = list(dict.fromkeys(u for u in urls if u))
+    if not out:
+        raise ConfigError(f"no NATS URL in {value!r}",
+                          hint="pass nats://host:port, or several separated by commas",
+                          field="nats_url")
+    return out
+
+
 def _env_overrides(cls: type[StratosConfig]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in msgspec.structs.fields(cls):
@@ -142,6 +162,8 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path!r} is not valid TOML: {exc}",
                               hint="fix the syntax at the position shown") from None
+    if isinstance(data.get("nats_url"), list):  # TOML: nats_url = ["nats://a:4222", ...]
+        data["nats_url"] = ",".join(map(str, data["nats_url"]))
     data.update(_env_overrides(cls))
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
