@@ -21,6 +21,7 @@ from schemas.base import is_token, utc_now
 from schemas.commands import STEP_NAMES
 from schemas.telemetry import AgentTelemetry, Capacity
 from stratosd import __version__
+from stratosd.artifacts import private as private_artifacts
 from stratosd.bus import Bus, connect
 from stratosd.config import AgentConfig
 from stratosd.errors import ConfigError, Conflict
@@ -154,6 +155,8 @@ class Agent:
         self._gpus = await asyncio.to_thread(telemetry.gpus)
         self.bus = Bus(await connect(self.config, f"stratos-agent-{self.agent_id}",
                                      retry_for_s=30.0), self.config)
+        if private_artifacts.enabled(self.config):  # a secured bus: its own bucket only
+            self.bus.artifacts = private_artifacts.agent_artifacts(self.bus, self.agent_id)
         work = self.config.work_path
         work.mkdir(parents=True, exist_ok=True)
         self.runner = Runner(self.bus, self.agent_id, work, max_jobs=self.config.max_jobs,

@@ -242,7 +242,8 @@ async def measure_upload(bus: Bus, agent_id: str, work_dir: Path,
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / f".calibrate-upload-{os.getpid()}.bin"
     await asyncio.to_thread(path.write_bytes, os.urandom(nbytes))
-    obs = await bus.objects()  # bind the store first: its lookup is not part of the upload
+    # bind the store first (the agent's own bucket on a secured bus): not part of the upload
+    await bus.has_artifact(key)
     try:
         t0 = time.perf_counter()
         await bus.put_artifact(key, path)
@@ -250,7 +251,7 @@ async def measure_upload(bus: Bus, agent_id: str, work_dir: Path,
     finally:
         path.unlink(missing_ok=True)
     try:
-        await obs.delete(key)
+        await bus.delete_artifact(key)
     except Exception:  # noqa: BLE001 - a leftover 8 MiB blob is overwritten next time
         log.debug("calibration_blob_not_deleted", key=key, exc_info=True)
     return nbytes / elapsed

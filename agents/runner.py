@@ -20,6 +20,7 @@ import msgspec
 import structlog
 
 from agents.outbox import Faults, Outbox
+from agents.worker import child_env, credential_files
 from schemas import subjects
 from schemas.base import Message, is_token
 from schemas.commands import JobStatus, RunStep
@@ -54,18 +55,21 @@ def worker_argv(job_file: Path) -> list[str]:
 
 # Steps that train: each holds the agent's whole device set (what the trainer uses) while it
 # runs, so two never share it; the others (probe, synthesize, evaluate, deploy) only count
-# against max_jobs.
-TRAINING_STEPS = frozenset({"train", "prescreen"})
+# against max_jobs. A tenant's LoRA rounds and its student probe (short fits) train too.
+TRAINING_STEPS = frozenset({"train", "prescreen", "tenant_train", "tenant_probe"})
 JOB_THREADS_ENV = "STRATOS_JOB_THREADS"
 
 
-def worker_env(threads: int = 0) -> dict[str, str]:
-    """The child's environment: the agent's, unbuffered, tokenizers without their own threads.
+def worker_env(threads: int = 0, hidden: list[str] | None = None) -> dict[str, str]:
+    """The child's environment: the agent's without its bus credentials (agents.worker.
+    child_env), unbuffered, tokenizers without their own threads; hidden: files the child
+    makes unreadable to itself before a step runs (the agent's password and creds files).
 
     threads > 0 caps the child's CPU threads: OpenMP/MKL pools and `STRATOS_JOB_THREADS`,
     which the trainers read as their default `cpu_threads` (0: the libraries' defaults).
     """
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**child_env(dict(os.environ), hidden), "PYTHONUNBUFFERED": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
     if threads > 0:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                    **{JOB_THREADS_ENV: str(threads)})
@@ -279,12 +283,17 @@ class Runner:
     async def _child(self, job: Job, run_id: str) -> None:
         cmd = job.cmd
         t0 = time.monotonic()
+        hidden = credential_files(self.bus.config)
+        env = worker_env(self.job_threads, hidden)
+        if hidden:  # new files beside a hidden one are unreadable: temp files go to the workdir
+            env["TMPDIR"] = str(job.workdir / "tmp")
+            (job.workdir / "tmp").mkdir(exist_ok=True)
         proc = await asyncio.create_subprocess_exec(
             *worker_argv(job.workdir / "job.json"),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
             limit=16 * 1024 * 1024,
-            env=worker_env(self.job_threads),
+            env=env,
         )
         job.proc, job.state = proc, "running"
         await self.emit(JobStarted(job_id=cmd.job_id, run_id=run_id, agent_id=self.agent_id,

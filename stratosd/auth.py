@@ -2,7 +2,7 @@
 
 Three roles share one NATS account: the daemon (everything), the operator (stratosctl: the
 daemon's control API and read-only event replay) and one user per agent (its own telemetry,
-job and agent events, the artifact store, and only its own command subjects). Passwords are
+job and agent events, its own artifact bucket, and only its own command subjects). Passwords are
 random (`secrets`), handed to clients in 0600 files, and stored bcrypt-hashed in the server
 config. Subjects come from `schemas.subjects`; nothing here is a policy plugin.
 """
@@ -21,6 +21,7 @@ import structlog
 
 from schemas import subjects
 from schemas.base import is_token
+from stratosd.artifacts.busstore import agent_bucket
 from stratosd.errors import ConfigError
 
 log = structlog.stdlib.get_logger(__name__)
@@ -36,7 +37,6 @@ PRIVATE_INBOXES = True
 BCRYPT_COST = 11
 
 _JS = "$JS.API"
-_OBJ_STREAM = f"OBJ_{subjects.ARTIFACTS_BUCKET}"
 
 
 @dataclass(frozen=True)
@@ -59,23 +59,25 @@ class Permissions:
         return out
 
 
-def artifact_store_subjects() -> tuple[str, ...]:
-    """The JetStream API + data subjects the object store client needs (put, get, get_info).
+def artifact_store_subjects(bucket: str) -> tuple[str, ...]:
+    """The JetStream API + data subjects the object store client needs (put, get, get_info)
+    on one bucket: an agent gets them for its own bucket only (private artifacts).
 
     Measured with a wiretap on nats-py 2.16 / nats-server 2.15; the CREATE.{stream}.> and
     DIRECT.GET forms are what newer clients (named consumers, direct get) send instead.
+    Nothing here creates, updates or deletes a stream: the daemon creates agents' buckets.
     """
-    bucket = subjects.ARTIFACTS_BUCKET
+    stream = f"OBJ_{bucket}"
     return (
         f"$O.{bucket}.>",  # chunks ($O.b.C.nuid) and meta ($O.b.M.name) via JetStream publish
-        f"{_JS}.STREAM.INFO.{_OBJ_STREAM}",
+        f"{_JS}.STREAM.INFO.{stream}",
         f"{_JS}.STREAM.NAMES",  # get() looks the stream up by subject (names only)
-        f"{_JS}.STREAM.MSG.GET.{_OBJ_STREAM}",
-        f"{_JS}.DIRECT.GET.{_OBJ_STREAM}.>",
-        f"{_JS}.STREAM.PURGE.{_OBJ_STREAM}",  # old chunks when a key is overwritten (retries)
-        f"{_JS}.CONSUMER.CREATE.{_OBJ_STREAM}",  # get(): an ephemeral ordered consumer
-        f"{_JS}.CONSUMER.CREATE.{_OBJ_STREAM}.>",
-        f"$JS.FC.{_OBJ_STREAM}.>",  # flow-control replies of that consumer
+        f"{_JS}.STREAM.MSG.GET.{stream}",
+        f"{_JS}.DIRECT.GET.{stream}.>",
+        f"{_JS}.STREAM.PURGE.{stream}",  # old chunks when a key is overwritten (retries)
+        f"{_JS}.CONSUMER.CREATE.{stream}",  # get(): an ephemeral ordered consumer
+        f"{_JS}.CONSUMER.CREATE.{stream}.>",
+        f"$JS.FC.{stream}.>",  # flow-control replies of that consumer
     )
 
 
@@ -98,7 +100,8 @@ def agent_permissions(agent_id: str) -> Permissions:
             subjects.job_events(agent_id=agent_id),
             f"{subjects.PREFIX}.evt.agent.{agent_id}.>",
             f"$SRV.PING.{subjects.DAEMON_SERVICE}",  # latency probe to the daemon
-            *artifact_store_subjects(),
+            # its own artifact bucket only; the daemon copies inputs in and outputs out
+            *artifact_store_subjects(agent_bucket(agent_id)),
         ),
         subscribe=(
             f"{group}.>",
@@ -262,6 +265,13 @@ def env_file(ident: Identity, *, url: str, password_path: str, tls_ca: str | Non
     return "\n".join(lines) + "\n"
 
 
+def check_price(agent_id: str, price: float) -> None:
+    """An operator price must be a number >= 0 (USD per hour)."""
+    if not price >= 0:  # NaN too
+        raise ConfigError(f"price {price!r} of agent {agent_id!r} is not a number >= 0",
+                          hint="e.g. --price-per-hour 2.5", field="price_per_hour")
+
+
 def _write_private(path: Path, text: str) -> None:
     # created 0600 from the start: no window in which another user can read the secret
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -309,9 +319,14 @@ class AuthSetup:
             files += [self.out / f"{ident.file_stem}.env", self.password_path(ident)]
         return files
 
-    def write(self, idents: list[Identity], *, force: bool = False) -> list[Path]:
-        """Generate passwords and write config, env and password files; refuse to overwrite."""
+    def write(self, idents: list[Identity], *, force: bool = False,
+              price_per_hour: float | None = None) -> list[Path]:
+        """Generate passwords and write config, env and password files; refuse to overwrite.
+
+        price_per_hour: the operator's price of every agent in idents (agent-prices.json)."""
         written = self.planned(idents)
+        if price_per_hour is not None:
+            check_price("*", price_per_hour)
         existing = [p for p in written if p.exists()]
         if existing and not force:
             raise ConfigError(
@@ -325,8 +340,26 @@ class AuthSetup:
         self._write_server_config(idents)
         for ident in idents:
             self._write_client(ident)
+        agents = [i.agent_id for i in idents if i.agent_id]
+        if price_per_hour is not None and agents:
+            written.append(self.set_prices(dict.fromkeys(agents, price_per_hour), fresh=True))
         log.info("auth_config_written", out=str(self.out), users=[i.user for i in idents])
         return written
+
+    def set_prices(self, prices: dict[str, float], *, fresh: bool = False) -> Path:
+        """Record operator prices (USD/h) in agent-prices.json, which the daemon reads from
+        beside its password file (stratosd.pricing); other agents' prices are kept."""
+        from stratosd.pricing import PRICE_KEY, PRICES_FILE
+
+        for agent_id, price in prices.items():
+            check_price(agent_id, price)
+        path = self.out / PRICES_FILE
+        data: dict[str, dict[str, float]] = {}
+        if path.exists() and not fresh:
+            data = json.loads(path.read_text())
+        data.update({a: {PRICE_KEY: float(p)} for a, p in prices.items()})
+        _write_private(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return path
 
     def _write_server_config(self, idents: list[Identity]) -> None:
         store = self.store_dir or f"{self.files_dir}/jetstream"
@@ -342,8 +375,11 @@ class AuthSetup:
                        tls_ca=self.tls_ca)
         _write_private(self.out / f"{ident.file_stem}.env", env)
 
-    def add_agent(self, agent_id: str) -> list[Path]:
-        """Add one agent user to an existing config (the others keep their passwords)."""
+    def add_agent(self, agent_id: str, price_per_hour: float | None = None) -> list[Path]:
+        """Add one agent user to an existing config (the others keep their passwords), with
+        the operator's price when given."""
+        if price_per_hour is not None:
+            check_price(agent_id, price_per_hour)
         conf = self.out / SERVER_CONFIG
         if not conf.exists():
             raise ConfigError(f"{conf} does not exist",
@@ -362,5 +398,9 @@ class AuthSetup:
         head, _, tail = text.rpartition(marker)
         _write_private(conf, f"{head}\n{block}{marker}{tail}")
         self._write_client(ident)
-        log.info("auth_agent_added", out=str(self.out), agent_id=agent_id)
-        return [conf, self.out / f"{ident.file_stem}.env", self.password_path(ident)]
+        written = [conf, self.out / f"{ident.file_stem}.env", self.password_path(ident)]
+        if price_per_hour is not None:
+            written.append(self.set_prices({agent_id: price_per_hour}))
+        log.info("auth_agent_added", out=str(self.out), agent_id=agent_id,
+                 price_usd_per_hour=price_per_hour)
+        return written

@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -32,6 +33,8 @@ from schemas.events import (
     JobInterrupted,
     JobProgress,
 )
+from stratosd.artifacts.private import AgentBuckets
+from stratosd.artifacts.private import enabled as private_enabled
 from stratosd.bus import Bus
 from stratosd.errors import (
     AgentUnavailable,
@@ -95,6 +98,8 @@ class Dispatcher:
         self._finished: dict[str, float] = {}  # job_id → when it ended, oldest first
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}
         self._sub: Any = None
+        # a secured bus: each agent has its own artifact bucket (stratosd.artifacts.private)
+        self.buckets = AgentBuckets(bus, _copy_dir(bus)) if private_enabled(bus.config) else None
 
     async def start(self) -> None:
         """Durable consumer of job events: events published while the daemon was down arrive."""
@@ -188,6 +193,8 @@ class Dispatcher:
         self.heard[step.job_id] = time.monotonic()
         self._suspect.pop(step.job_id, None)
         self._finished.pop(step.job_id, None)  # (re)sent: under way again
+        if self.buckets is not None:  # the inputs go where only that agent reads them
+            await self.buckets.place(agent_id, step)
         try:
             reply = await self.bus.request(subjects.agent_cmd(agent_id, "run"), step,
                                            timeout=self.ack_timeout_s)
@@ -217,7 +224,19 @@ class Dispatcher:
         """Wait for the job's outcome (already known outcomes return at once).
 
         Never forever: a silent job is reconciled with its agent (see the module docstring);
-        TimeoutError only when the caller's timeout passes first."""
+        TimeoutError only when the caller's timeout passes first. With private artifacts, what
+        the job wrote into its agent's bucket is copied into the shared one first."""
+        agent_id = self.job_agent.get(job_id)
+        outcome = await self._wait(job_id, timeout)
+        if self.buckets is not None and agent_id is not None:
+            try:
+                await self.buckets.collect(agent_id, job_id, outcome.artifacts.values())
+            except Exception:  # noqa: BLE001 - the outputs stay in the agent's bucket
+                log.warning("artifacts_not_collected", job_id=job_id, agent_id=agent_id,
+                            exc_info=True)
+        return outcome
+
+    async def _wait(self, job_id: str, timeout: float | None) -> Outcome:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         self.heard.setdefault(job_id, time.monotonic())
@@ -399,3 +418,8 @@ def _accepted(reply: Any, subject: str) -> Accepted:
     if not isinstance(reply, Accepted):
         raise BadMessage("type", f"{subject} answered {type(reply).__name__}, not accepted")
     return reply
+
+
+def _copy_dir(bus: Bus) -> Path | None:
+    """Where the daemon stages artifact copies between buckets (under its home)."""
+    return bus.config.home_path / "tmp" if bus.config is not None else None

@@ -33,6 +33,7 @@ from nats.js.object_store import (
     OBJ_STREAM_TEMPLATE,
 )
 
+from schemas import subjects
 from schemas.artifacts import (
     INDEX_DECODER,
     INDEX_HEADER,
@@ -42,6 +43,7 @@ from schemas.artifacts import (
     ArtifactManifest,
     ChunkInfo,
 )
+from schemas.base import is_token
 from stratosd.artifacts.base import (
     BUS_CHUNK_BYTES,
     ArtifactCorrupt,
@@ -60,6 +62,17 @@ _TRANSIENT = (nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
               nats.errors.StaleConnectionError, nats.errors.OutboundBufferLimitError,
               nats.errors.ConnectionDrainingError, ServiceUnavailableError,
               asyncio.TimeoutError, ConnectionError)
+
+
+def agent_bucket(agent_id: str) -> str:
+    """The object store holding the artifacts of agent_id's jobs (private artifacts).
+
+    One bucket per agent because NATS can scope permissions only by subject, and an object
+    store's subjects name objects by base64 and chunks by random id: `$O.<bucket>.>` is the
+    finest grain a permission can name (docs/security.md, "Private artifacts")."""
+    if not is_token(agent_id):
+        raise ValueError(f"agent id {agent_id!r} is not a valid token")
+    return f"{subjects.ARTIFACTS_BUCKET}_{agent_id}"
 
 
 def sha256_digest(hex_sha: str) -> str:

@@ -11,6 +11,9 @@ files written into --out (mode 0600, directory 0700):
   daemon.env  operator.env  agent-ID.env
                              STRATOS_NATS_URL / _USER / _PASSWORD_FILE (systemd EnvironmentFile)
   *.password                 the plain password of each identity (never in an env var)
+  agent-prices.json          with --price-per-hour: each agent's price in USD/h, set by the
+                             operator; install it beside daemon.password (the daemon reads it
+                             there and ignores the price an agent declares)
 
 then:  nats-server -c DIR/nats-server.conf   and point stratosd at it with --nats URL
 see docs/security.md for the exact permissions of each role.
@@ -42,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     init.add_argument("--tls-cert", help="server certificate (PEM): enables TLS")
     init.add_argument("--tls-key", help="server private key (PEM)")
     init.add_argument("--tls-ca", help="CA clients verify the server with (STRATOS_NATS_TLS_CA)")
+    init.add_argument("--price-per-hour", type=float, metavar="USD",
+                      help="the operator's price of each --agents agent (agent-prices.json)")
     init.add_argument("--force", action="store_true",
                       help="overwrite existing files (every credential changes)")
     init.set_defaults(func=main_init)
@@ -52,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add.add_argument("--install-dir", help="as given to init")
     add.add_argument("--url", help="URL clients use (default: the one in daemon.env)")
     add.add_argument("--tls-ca", help="as given to init")
+    add.add_argument("--price-per-hour", type=float, metavar="USD",
+                     help="the agent's price, set by the operator: offers and cost estimates "
+                     "use it, whatever the agent declares (agent-prices.json)")
     add.set_defaults(func=main_add)
 
 
@@ -68,7 +76,8 @@ def main_init(args: argparse.Namespace) -> int:
                       install_dir=args.install_dir, store_dir=args.store_dir,
                       tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
                       client_url=args.url)
-    written = setup.write(identities(agents, args.operator), force=args.force)
+    written = setup.write(identities(agents, args.operator), force=args.force,
+                          price_per_hour=args.price_per_hour)
     for path in written:
         print(path)
     print(f"\nstart the server:  nats-server -c {setup.files_dir}/nats-server.conf", flush=True)
@@ -95,7 +104,10 @@ def main_add(args: argparse.Namespace) -> int:
                                                        else None),
                       client_url=args.url or _env_value(daemon_env, "STRATOS_NATS_URL"),
                       tls_ca=args.tls_ca or _env_value(daemon_env, "STRATOS_NATS_TLS_CA"))
-    for path in setup.add_agent(args.id):
+    for path in setup.add_agent(args.id, args.price_per_hour):
         print(path)
     print("\nreload the server:  nats-server --signal reload  (or restart it)", flush=True)
+    if args.price_per_hour is not None:
+        print("copy agent-prices.json beside the daemon's password file (picked up in seconds)",
+              flush=True)
     return 0

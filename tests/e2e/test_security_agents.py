@@ -1,9 +1,12 @@
 """Bus security, what an agent must not do: command, impersonate or eavesdrop on other agents,
-touch streams, run state or the event history, or read replies meant for others."""
+touch streams, run state or the event history, read replies meant for others, or read or
+change another agent's artifacts."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +16,7 @@ from schemas.base import encode
 from schemas.commands import ListServers, RunStep
 from schemas.events import JobCompleted
 from schemas.telemetry import AgentTelemetry
+from stratosd.artifacts.busstore import agent_bucket
 from stratosd.auth import agent_user
 from stratosd.bus import Bus, connect
 from stratosd.errors import StratosError
@@ -164,3 +168,65 @@ async def test_agent_cannot_read_replies_meant_for_others(
         await op.close()
         await rogue.bus.close()
     assert not any(b"server_list" in m for m in seen)
+
+
+SYNTH_ARGS = {"task": {"name": "mahjong-winning-tiles",
+                       "params": {"difficulty": 1, "n_train": 4, "n_test": 2, "seed": 0}},
+              "teacher": {"name": "oracle", "backend": "reference", "model": "reference"},
+              "mode": "injection", "tries": 1}
+
+
+async def test_agent_cannot_read_or_change_another_agents_artifacts(
+    creds: Creds, secure_daemon: Any, agents: dict[str, Any], tmp_path: Path
+) -> None:
+    d = secure_daemon
+    # the daemon keeps a run's input in the shared bucket; gpu-1's job reads it, writes a dataset
+    src = tmp_path / "notes.jsonl"
+    src.write_bytes(b'{"secret": "gpu-1 only"}\n' * 1000)
+    await d.bus.put_artifact("r1/notes.jsonl", src)
+    step = RunStep(job_id="priv-1", run_id="r1", step="synthesize", args=SYNTH_ARGS,
+                   inputs={"notes": "r1/notes.jsonl"})
+    await d.dispatch.send("gpu-1", step)
+    outcome = await d.dispatch.wait("priv-1", timeout=60)
+    assert outcome.state == "completed", outcome
+    assert outcome.artifacts == {"dataset.jsonl": "r1/dataset.jsonl"}
+    owner = agents["gpu-1"].bus
+    assert await owner.has_artifact("r1/notes.jsonl")  # placed in gpu-1's bucket
+    # the dataset was collected into the shared bucket, where the stages read it
+    before = await d.bus.get_artifact("r1/dataset.jsonl", tmp_path / "before.jsonl")
+    assert before.read_bytes().strip()
+
+    # gpu-2's own artifact API sees neither the shared bucket nor gpu-1's
+    with pytest.raises(StratosError):
+        await agents["gpu-2"].bus.get_artifact("r1/dataset.jsonl", tmp_path / "x")
+    # and a raw client logged in as gpu-2 is refused by the server at every door
+    rogue = await client(creds, agent_user("gpu-2"))
+    js = rogue.bus.nc.jetstream(timeout=1)
+    victim = agent_bucket("gpu-1")
+    stream = f"OBJ_{victim}"
+    meta = base64.urlsafe_b64encode(b"r1/dataset.jsonl").decode()
+    try:
+        for bucket in (victim, subjects.ARTIFACTS_BUCKET):  # read: bind the store
+            with pytest.raises(Exception):  # noqa: B017 - denied requests time out or fail
+                await js.object_store(bucket)
+            await rogue.violation(f"$JS.API.STREAM.INFO.OBJ_{bucket}")
+        with pytest.raises(Exception):  # noqa: B017 - read: the object's meta by subject
+            await js.get_last_msg(stream, f"$O.{victim}.M.{meta}")
+        await rogue.violation(f"$JS.API.STREAM.MSG.GET.{stream}")
+        with pytest.raises(Exception):  # noqa: B017 - read: a consumer on its chunks
+            await js.subscribe(f"$O.{victim}.C.>", stream=stream, ordered_consumer=True)
+        await rogue.violation(f"$JS.API.CONSUMER.CREATE.{stream}")
+        # overwrite: a new meta for the key (what a put ends with)
+        await rogue.bus.nc.publish(f"$O.{victim}.M.{meta}", b'{"name": "r1/dataset.jsonl"}')
+        await rogue.violation(f"$O.{victim}.M.{meta}")
+        with pytest.raises(Exception):  # noqa: B017 - purge: every chunk gone
+            await js.purge_stream(stream)
+        await rogue.violation(f"$JS.API.STREAM.PURGE.{stream}")
+        with pytest.raises(Exception):  # noqa: B017 - or drop the whole bucket
+            await js.delete_object_store(victim)
+        await rogue.violation(f"$JS.API.STREAM.DELETE.{stream}")
+    finally:
+        await rogue.bus.close()
+    # nothing changed: the owner and the daemon read the same dataset
+    again = await owner.get_artifact("r1/dataset.jsonl", tmp_path / "again.jsonl")
+    assert again.read_bytes() == before.read_bytes()

@@ -25,7 +25,15 @@ from stratosd.bus import Bus, connect
 from stratosd.config import StratosConfig
 from stratosd.errors import BusUnavailable, StratosError
 from stratosd.natsd import NatsServer
-from tests.e2e.secure import OPERATOR, Creds, auth_init, client, password_of, server_config
+from tests.e2e.secure import (
+    OPERATOR,
+    Creds,
+    auth_init,
+    client,
+    password_of,
+    server_config,
+    until,
+)
 
 # --- the generator ------------------------------------------------------------------------
 
@@ -127,6 +135,53 @@ async def test_agent_runs_a_job_and_uses_the_artifact_store(
     assert await bus.has_artifact("r1/a.bin")
     back = await bus.get_artifact("r1/a.bin", tmp_path / "back.bin")
     assert back.read_bytes() == b"second" * 50_000
+
+
+async def test_the_operator_sets_an_agents_price(
+    creds: Creds, secure_daemon: Any, agents: dict[str, Any]
+) -> None:
+    from stratosd.auth import AuthSetup
+    from stratosd.pricing import RELOAD_S
+
+    fleet = secure_daemon.fleet
+    agents["gpu-1"].config.price_usd_per_hour = 0.0  # a rogue agent undercuts everyone
+    await until(lambda: fleet.agents["gpu-1"].telemetry.price_usd_per_hour == 0.0)
+    prices = AuthSetup(out=creds.out).set_prices({"gpu-1": 2.5})  # beside daemon.password
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await until(lambda: fleet.offer("gpu-1").price_usd_per_hour == 2.5,
+                        timeout=RELOAD_S + 10)
+            for _ in range(20):  # every heartbeat and offer: still one warning
+                assert fleet.offer("gpu-1").price_usd_per_hour == 2.5
+            # what the operator and the selectors see
+            op = Bus(await connect(creds.config(OPERATOR), "stratosctl"))
+            try:
+                reply = await op.request(subjects.daemon_cmd("servers"), ListServers())
+            finally:
+                await op.close()
+        by_id = {s.offer.id: s.offer for s in reply.servers}
+        assert by_id["gpu-1"].price_usd_per_hour == 2.5
+        assert by_id["gpu-2"].price_usd_per_hour == 1.0  # no operator price: its own
+        warned = [e for e in logs if e["event"] == "agent_price_overridden"]
+        assert len(warned) == 1, warned
+        assert warned[0]["agent_id"] == "gpu-1" and warned[0]["declared_usd_per_hour"] == 0.0
+        assert warned[0]["price_usd_per_hour"] == 2.5
+    finally:
+        prices.unlink()
+
+
+def test_add_agent_records_the_operators_price(tmp_path: Path) -> None:
+    from stratosd.ctl import main
+    from stratosd.pricing import read_prices
+
+    out = tmp_path / "auth"
+    assert auth_init(out, "--price-per-hour", "1.25") == 0
+    assert read_prices(out / "agent-prices.json") == {"gpu-1": 1.25, "gpu-2": 1.25}
+    assert main(["auth", "add-agent", "--out", str(out), "gpu-3", "--price-per-hour", "2.5"]) == 0
+    assert read_prices(out / "agent-prices.json") == {"gpu-1": 1.25, "gpu-2": 1.25,
+                                                      "gpu-3": 2.5}
+    assert stat.S_IMODE((out / "agent-prices.json").stat().st_mode) == 0o600
+    assert main(["auth", "add-agent", "--out", str(out), "gpu-4", "--price-per-hour", "-1"]) == 2
 
 
 # --- the operator, strangers ----------------------------------------------------------------
