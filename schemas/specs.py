@@ -110,6 +110,9 @@ class ServerOffer(msgspec.Struct, frozen=True, kw_only=True):
     capacity: Capacity | None = None  # measured by the agent; None: the cost model's table
     latency_known: bool = True  # False: nothing measured it (latency_ms is then meaningless)
     busy: bool = False  # its device set is held by another training job
+    # a group of servers that trains one job together (stratosd.groups): its agents, the
+    # rendezvous host (agent_id) first; empty for one server
+    members: list[str] = []
 
 
 class Selection(msgspec.Struct, frozen=True, kw_only=True):

@@ -30,6 +30,7 @@ from stratosd.costmodel.costs import STAGE_PHASE, CostModel
 from stratosd.dispatch import Dispatcher, Outcome
 from stratosd.errors import AgentUnavailable, ConfigError, Infeasible, RemoteError
 from stratosd.fleet import Fleet
+from stratosd.groups import GROUP_KEYS, GroupJob, group_offers, nodes_asked, train_group
 from stratosd.pipeline import BudgetVerdict, StageFn, StageRun
 from stratosd.plugins import Plugins
 from stratosd.results import checked, stage_result
@@ -191,12 +192,15 @@ async def select_server(ctx: StageRun) -> dict[str, Any]:
     busy with another run's training, wait in the queue instead of failing."""
     svc = services(ctx)
     waited = 0.0
+    nodes, _min_nodes = nodes_asked(ctx.spec.train)
     while True:
-        offers = svc.fleet.table()
+        offers: Sequence[ServerOffer] = svc.fleet.table()
         if not len(offers):
             raise Infeasible("no live agent to run on",
                              hint="start stratos-agent on a host (see README), then resubmit")
         try:
+            if nodes > 1:  # train.nodes = N: groups of N agents, each scored as one server
+                offers = group_offers(offers, nodes)
             selection = await select(ctx, offers)
             break
         except Infeasible as exc:
@@ -340,7 +344,8 @@ async def synthesize(ctx: StageRun) -> dict[str, Any]:
 
 
 def _train_params(ctx: StageRun) -> dict[str, Any]:
-    return {k: v for k, v in ctx.spec.train.items() if k not in _STAGE_PARAM_KEYS}
+    return {k: v for k, v in ctx.spec.train.items()
+            if k not in _STAGE_PARAM_KEYS and k not in GROUP_KEYS}
 
 
 async def train(ctx: StageRun) -> dict[str, Any]:
@@ -357,10 +362,33 @@ async def train(ctx: StageRun) -> dict[str, Any]:
             "params": _train_params(ctx), "task": task_args(ctx), "seed": ctx.spec.seed}
     work = await asyncio.to_thread(svc.costs.work, ctx.spec, ctx.run)
     loop = svc.costs.loop_estimate(work, run_offer(ctx), ctx.spec.est_train_hours)
-    out = await run_job(ctx, "train", args, inputs=inputs)
+    members = ctx.run.progress.get("group_members") or \
+        _need(ctx, SelectServerResult).selection.chosen.members
+    if len(members) > 1:  # a group of servers (train.nodes): see stratosd.groups
+        out = await train_group(group_job(ctx, list(members), args, inputs, ckpt))
+    else:
+        out = await run_job(ctx, "train", args, inputs=inputs)
     return checked(ctx.stage, {**out.result, "artifact": out.artifacts.get("model.tar", ""),
                                "resumed": "resume" in inputs,
                                "train_time_estimate": to_builtins(loop)})
+
+
+def group_job(ctx: StageRun, members: list[str], args: dict[str, Any],
+              inputs: dict[str, str], checkpoint: str) -> GroupJob:
+    """The group training job of this run's train stage (members: the rendezvous host first)."""
+    svc = services(ctx)
+
+    async def say(message: str) -> None:
+        await ctx.pipeline.publish(subjects.run_event(ctx.run_id, "progress"), RunProgress(
+            run_id=ctx.run_id, stage=ctx.stage, message=message, source="stratosd"))
+
+    async def on_members(now: list[str]) -> None:
+        await ctx.note(group_members=now, agent_id=now[0])
+
+    return GroupJob(run_id=ctx.run_id, attempt=ctx.attempt, members=members,
+                    min_nodes=nodes_asked(ctx.spec.train)[1], args=args, inputs=inputs,
+                    dispatch=svc.dispatch, fleet=svc.fleet, bus=svc.bus, say=say,
+                    on_members=on_members, resume_key=checkpoint)
 
 
 async def evaluate(ctx: StageRun) -> dict[str, Any]:

@@ -10,11 +10,20 @@ Devices: the agent holds its whole device set for a training step (agents.runner
 TRAINING_STEPS); the step uses all of it: one rank per device (params `ranks`, 0 = all,
 `strategy` auto/ddp/fsdp), launched by torchrun (`plugins.trainers.distributed`). One rank
 trains in this process, as before. A resumed checkpoint keeps its data order on any world size.
+
+More than one server: the daemon (`stratosd.groups`) sends each member agent this step with
+`group = {node_rank, nnodes, min_nodes, rdzv_id, host, endpoint | is_host, local_addr}`. The
+rendezvous host picks a free port, reports it as a progress line (`rdzv_port`, which the daemon
+passes to the other members) and serves the c10d store; every member launches its ranks under
+torchrun's elastic rendezvous. The node that gets global rank 0 uploads the checkpoints and the
+model; the others complete with `model_writer = false` and no model artifact.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +39,10 @@ from stratosd.plugins import lookup
 
 log = structlog.stdlib.get_logger(__name__)
 
-ARGS = ("model", "trainer", "params", "task", "seed")
+ARGS = ("model", "trainer", "params", "task", "seed", "group")
 METRIC_KEYS = ("final_loss", "first_loss", "steps", "train_time_s", "tokens_per_s",
                "train_tokens", "peak_rss_mib", "trainer", "ranks", "strategy")
+RDZV_METRIC = "rdzv_port"  # the progress metric the rendezvous host reports its port in
 
 
 def run(ctx: StepContext) -> dict[str, Any]:
@@ -67,6 +77,13 @@ def run(ctx: StepContext) -> dict[str, Any]:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     resume = ctx.inputs.get("resume")
     plan = launch_plan(trainer_cls, params, resume, model)
+    rdzv = distributed.Rendezvous.from_args(args["group"]) if args.get("group") else None
+    if rdzv is not None:
+        if not getattr(trainer_cls, "supports_ranks", False):
+            raise ConfigError(f"trainer {trainer_name!r} runs on one device: it cannot train "
+                              "on a group of servers", hint="drop train.nodes, or use lora-sft "
+                              "or full-sft", field="train.nodes")
+        plan = group_plan(plan, params, rdzv)
 
     def checkpoint(path: Path) -> None:
         distributed.write_world(path, plan)  # how it was written: a resume may change it
@@ -92,8 +109,12 @@ def run(ctx: StepContext) -> dict[str, Any]:
         threads = rank_threads(params, plan.ranks)
         if "cpu_threads" not in params and hparams.agent_job_threads():
             tctx.params["cpu_threads"] = threads  # the agent's cap, shared by the ranks
+        if rdzv is not None and not rdzv.endpoint:
+            rdzv = announce_rendezvous(ctx, rdzv)
         metrics = distributed.launch(trainer_name, tctx, plan, task=args.get("task") or None,
-                                     threads=threads)
+                                     threads=threads, rdzv=rdzv)
+        if metrics.get("model_writer") is False:  # rank 0 ran on another node: no model here
+            shutil.rmtree(tctx.out_dir, ignore_errors=True)
     else:
         distributed.prepare_resume(resume, 1)
         metrics = trainer_cls().train(tctx)
@@ -120,6 +141,37 @@ def launch_plan(trainer_cls: type[Trainer], params: dict[str, Any], resume: Path
         supports_ranks=bool(getattr(trainer_cls, "supports_ranks", False)),
         supports_fsdp=bool(getattr(trainer_cls, "supports_fsdp", False)),
         world=distributed.read_world(resume) if resume else None, fits_one_device=fits)
+
+
+def group_plan(plan: distributed.LaunchPlan, params: dict[str, Any],
+               rdzv: distributed.Rendezvous) -> distributed.LaunchPlan:
+    """This node's launch in a group: always under torchrun, `plan.ranks` ranks on each node;
+    the job's global batch must split over every world size the group may train with."""
+    pd, ga = params.get("per_device_train_batch_size"), params.get("gradient_accumulation_steps")
+    batch = (pd if isinstance(pd, int) else 0) * (ga if isinstance(ga, int) else 1)
+    for nodes in range(rdzv.min_nodes, rdzv.nnodes + 1):
+        if batch and distributed.split_batch(batch, 1, plan.ranks * nodes) is None:
+            raise ConfigError(
+                f"the global batch {batch} does not divide among {plan.ranks * nodes} ranks "
+                f"({nodes} node(s) x {plan.ranks})",
+                hint="make the batch a multiple of every rank count the group may train with "
+                "(min_nodes..nodes)", field="train.nodes")
+    return replace(plan, strategy="ddp" if plan.strategy == "single" else plan.strategy,
+                   nodes=rdzv.nnodes,
+                   reason=f"{plan.reason}; node {rdzv.node_rank} of {rdzv.nnodes} "
+                   f"(elastic {rdzv.min_nodes}:{rdzv.nnodes})")
+
+
+def announce_rendezvous(ctx: StepContext, rdzv: distributed.Rendezvous
+                        ) -> distributed.Rendezvous:
+    """The rendezvous host picks its store's port and tells the daemon (a progress line the
+    daemon relays to the other members) before torchrun binds it."""
+    rdzv = rdzv.with_port(distributed.free_port(rdzv.local_addr or rdzv.host))
+    port = int(rdzv.endpoint.rsplit(":", 1)[1])
+    ctx.progress(0, unit="", message=f"rendezvous at {rdzv.endpoint} ({rdzv.rdzv_id})",
+                 force=True, **{RDZV_METRIC: port})
+    ctx.log(f"group of {rdzv.nnodes} node(s): rendezvous host at {rdzv.endpoint}")
+    return rdzv
 
 
 def rank_threads(params: dict[str, Any], ranks: int) -> int:

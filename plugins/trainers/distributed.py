@@ -20,6 +20,13 @@ Semantics that keep a job's results independent of the hardware it lands on:
 
 Rank 0 reports progress and checkpoints through a JSON-lines file the launcher forwards to the
 step context; each rank writes its result or error to a file the launcher reads back.
+
+**More than one server** (`Rendezvous`, from the daemon's `stratosd.groups`): every member agent
+runs this launcher with `--nnodes MIN:MAX --rdzv-backend c10d --rdzv-endpoint HOST:PORT
+--rdzv-id ID`; the rendezvous host's launcher serves the c10d store (`is_host=1`) on a port it
+picked and reported to the daemon. Global rank 0 lands on whichever node the rendezvous sorts
+first: that node's launcher gets rank 0's events (checkpoints, progress) and its result; the
+others return their own rank's result marked `model_writer = False` and write no model.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -54,9 +62,15 @@ TERM_GRACE_S = 60.0
 class LaunchPlan:
     """How a training job runs: how many ranks, and whether replicated or sharded."""
 
-    ranks: int
+    ranks: int  # on this server (torchrun's --nproc-per-node)
     strategy: str  # "single" (in-process), "ddp" or "fsdp" (under torchrun)
     reason: str = ""
+    nodes: int = 1  # servers of the group (each runs `ranks` ranks)
+
+    @property
+    def world(self) -> int:
+        """Ranks of the whole job (every node's)."""
+        return self.ranks * self.nodes
 
     @property
     def launched(self) -> bool:
@@ -171,15 +185,19 @@ def rank_params(params: Mapping[str, Any], plan: LaunchPlan) -> dict[str, Any]:
 
 # --- checkpoints ------------------------------------------------------------------------------
 
-def world_record(plan: LaunchPlan) -> dict[str, Any]:
-    """What stratos_world.json says about a checkpoint: the world that wrote it."""
-    return {"world_size": plan.ranks, "strategy": plan.strategy}
+def world_record(plan: LaunchPlan, world: int | None = None) -> dict[str, Any]:
+    """What stratos_world.json says about a checkpoint: the world that wrote it (`world`: the
+    ranks that actually trained, when an elastic group started with fewer than planned)."""
+    record: dict[str, Any] = {"world_size": world or plan.world, "strategy": plan.strategy}
+    if plan.nodes > 1:
+        record["nodes"] = plan.nodes
+    return record
 
 
-def write_world(checkpoint: Path, plan: LaunchPlan) -> None:
+def write_world(checkpoint: Path, plan: LaunchPlan, world: int | None = None) -> None:
     """Record the world a checkpoint was written by (before it is uploaded)."""
     if checkpoint.is_dir():
-        (checkpoint / WORLD_FILE).write_text(json.dumps(world_record(plan), indent=2))
+        (checkpoint / WORLD_FILE).write_text(json.dumps(world_record(plan, world), indent=2))
 
 
 def read_world(resume_from: Path | None) -> dict[str, Any] | None:
@@ -218,12 +236,85 @@ def prepare_resume(resume_from: Path | None, world_size: int) -> None:
             log.info("rng_state_adapted", checkpoint=str(ckpt), file=name, source=source.name)
 
 
+# --- more than one server ---------------------------------------------------------------------
+
+JOIN_TIMEOUT_S = 600.0  # how long a node waits for the group's first MIN nodes
+LAST_CALL_S = 60.0  # once MIN nodes are in, how long the rendezvous waits for up to MAX
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """This node's part in a multi-server job (the train step's `group` argument).
+
+    `endpoint` is HOST:PORT of the c10d store; the rendezvous host gets only `host` and picks
+    the port (`free_port`), which it reports to the daemon before it launches."""
+
+    node_rank: int
+    nnodes: int
+    min_nodes: int
+    rdzv_id: str
+    host: str
+    endpoint: str = ""  # "" on the rendezvous host until it picked its port
+    is_host: bool = False
+    local_addr: str = ""  # this node's address for the ranks' store ("": its hostname)
+
+    @classmethod
+    def from_args(cls, group: Mapping[str, Any]) -> Rendezvous:
+        """Validate the daemon's `group` argument (ConfigError naming the field)."""
+        def num(name: str, low: int) -> int:
+            value = group.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"group.{name} must be an integer >= {low}, got {value!r}",
+                                  hint="the daemon writes `group`; resubmit the run",
+                                  field=f"args.group.{name}")
+            return value
+
+        nnodes, rank = num("nnodes", 1), num("node_rank", 0)
+        min_nodes = num("min_nodes", 1) if "min_nodes" in group else nnodes
+        rdzv_id, host = str(group.get("rdzv_id") or ""), str(group.get("host") or "")
+        if rank >= nnodes or min_nodes > nnodes or not rdzv_id or not host:
+            raise ConfigError(f"inconsistent group {dict(group)!r}",
+                              hint="node_rank < nnodes, min_nodes <= nnodes, rdzv_id and host "
+                              "set", field="args.group")
+        return cls(node_rank=rank, nnodes=nnodes, min_nodes=min_nodes, rdzv_id=rdzv_id,
+                   host=host, endpoint=str(group.get("endpoint") or ""),
+                   is_host=bool(group.get("is_host", rank == 0)),
+                   local_addr=str(group.get("local_addr") or ""))
+
+    def with_port(self, port: int) -> Rendezvous:
+        """The host's rendezvous once it picked its port."""
+        return Rendezvous(**{**asdict(self), "endpoint": f"{self.host}:{port}"})
+
+    def argv(self) -> list[str]:
+        """torchrun's multi-node arguments: elastic MIN:MAX nodes, c10d rendezvous."""
+        if not self.endpoint:
+            raise ConfigError("the group's rendezvous endpoint is not known yet",
+                              hint="the rendezvous host picks it (with_port) before launching",
+                              field="args.group.endpoint")
+        conf = f"is_host={int(self.is_host)},join_timeout={JOIN_TIMEOUT_S:g}," \
+               f"last_call_timeout={LAST_CALL_S:g}"
+        out = [f"--nnodes={self.min_nodes}:{self.nnodes}", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint={self.endpoint}", f"--rdzv-id={self.rdzv_id}",
+               f"--rdzv-conf={conf}"]
+        return out + ([f"--local-addr={self.local_addr}"] if self.local_addr else [])
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on host now (the c10d store binds it a moment later)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 # --- the launcher -----------------------------------------------------------------------------
 
-def torchrun_argv(ranks: int, spec: Path) -> list[str]:
-    """The torchrun command line (standalone rendezvous on this host, no elastic restarts:
-    a failed rank fails the job, and the daemon's retry resumes from the last checkpoint)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+def torchrun_argv(ranks: int, spec: Path, rdzv: Rendezvous | None = None) -> list[str]:
+    """The torchrun command line: standalone on one host, or a group's c10d rendezvous. No
+    restarts inside torchrun: a failed rank fails the job, and the daemon resumes it from the
+    last checkpoint (on a group's survivors or a replacement: only rank 0's node holds the
+    checkpoints, so an in-place restart on the others would have nothing to load)."""
+    where = rdzv.argv() if rdzv is not None else ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", *where,
             f"--nproc-per-node={ranks}", "--max-restarts=0", "--monitor-interval=0.2",
             "-m", "plugins.trainers.rank", str(spec)]
 
@@ -239,9 +330,11 @@ def rank_env(threads: int) -> dict[str, str]:
 
 def launch(trainer: str, ctx: TrainContext, plan: LaunchPlan, *,
            task: Mapping[str, Any] | None = None, threads: int = 0,
-           run_dir: Path | None = None) -> dict[str, Any]:
-    """Train with `plan.ranks` ranks under torchrun; progress and checkpoints reach ctx;
-    returns rank 0's metrics. Raises the first failed rank's error, typed as it was."""
+           run_dir: Path | None = None, rdzv: Rendezvous | None = None) -> dict[str, Any]:
+    """Train with `plan.ranks` ranks under torchrun (on each of a group's nodes with rdzv);
+    progress and checkpoints reach ctx; returns rank 0's metrics, or on a group node without
+    rank 0 its first rank's, marked model_writer = False. Raises the first failed rank's
+    error, typed as it was."""
     run_dir = run_dir or ctx.checkpoint_dir.parent / "launch"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -254,15 +347,17 @@ def launch(trainer: str, ctx: TrainContext, plan: LaunchPlan, *,
     }
     spec_path = run_dir / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    prepare_resume(ctx.resume_from, plan.ranks)
+    prepare_resume(ctx.resume_from, plan.world)
     log.info("ranks_launching", trainer=trainer, ranks=plan.ranks, strategy=plan.strategy,
-             reason=plan.reason)
+             reason=plan.reason, nodes=plan.nodes,
+             rdzv_endpoint=rdzv.endpoint if rdzv else None)
     t0 = time.monotonic()
     # Its own session: a cancel reaches this process (ctx.should_stop), which asks the ranks to
     # stop together; a signal to every rank at once would let torchrun kill them mid-save.
     # Ranks also stop when this process is gone (rank.RankIO.should_stop).
-    proc = subprocess.Popen(torchrun_argv(plan.ranks, spec_path), env=rank_env(threads),
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(torchrun_argv(plan.ranks, spec_path, rdzv),
+                            env=rank_env(threads), stdin=subprocess.DEVNULL,
+                            start_new_session=True)
     events = _EventReader(run_dir / EVENTS_FILE, ctx)
     stop_sent = 0.0
     try:
@@ -283,12 +378,16 @@ def launch(trainer: str, ctx: TrainContext, plan: LaunchPlan, *,
                 proc.kill()
     events.forward()
     result_path = run_dir / "result.json"
-    if proc.returncode == 0 and result_path.is_file():
-        metrics: dict[str, Any] = json.loads(result_path.read_text())
+    others = sorted(run_dir.glob("result-*.json"))  # a group node without rank 0
+    if proc.returncode == 0 and (result_path.is_file() or others):
+        writer = result_path.is_file()
+        metrics: dict[str, Any] = json.loads((result_path if writer else others[0]).read_text())
         metrics.update(ranks=plan.ranks, strategy=plan.strategy,
                        launch_wall_s=round(time.monotonic() - t0, 3))
+        if rdzv is not None:
+            metrics.update(nodes=plan.nodes, node_rank=rdzv.node_rank, model_writer=writer)
         return metrics
-    raise rank_error(run_dir, proc.returncode, plan.ranks)
+    raise rank_error(run_dir, proc.returncode, plan.world)
 
 
 class _EventReader:
@@ -321,11 +420,13 @@ class _EventReader:
 
 def rank_error(run_dir: Path, returncode: int, ranks: int) -> StratosError:
     """The error of a failed launch: the first rank's own error (OOM keeps its detail)."""
-    errors = []
-    for rank in range(ranks):
-        path = run_dir / f"error-{rank}.json"
-        if path.is_file():
-            errors.append(json.loads(path.read_text()))
+    def rank_of(path: Path) -> int:
+        tail = path.stem.rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else 1 << 30
+
+    # this node's ranks only (a group's other nodes report through their own jobs)
+    errors = [json.loads(p.read_text()) for p in sorted(run_dir.glob("error-*.json"),
+                                                         key=rank_of)]
     if not errors:
         return JobFailed(f"torchrun exited with code {returncode} and no rank reported an error",
                          hint="see the job log for the ranks' output")

@@ -63,9 +63,10 @@ class RankIO:
         """Record the world that wrote a checkpoint, then have the launcher upload it."""
         if self.rank != 0:
             return
-        from plugins.trainers.distributed import LaunchPlan, write_world
+        from plugins.trainers.distributed import LaunchPlan, world_size, write_world
 
-        write_world(path, LaunchPlan(**self.plan))
+        # the world that trained: an elastic group may have started with fewer nodes
+        write_world(path, LaunchPlan(**self.plan), world=world_size())
         self._event("checkpoint", path=str(path))
 
     def should_stop(self) -> bool:
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         trainer_cls = lookup(plugins.trainers, spec["trainer"], "trainer")
         metrics = trainer_cls().train(ctx)
+        from plugins.trainers.distributed import world_size
+
+        metrics["world_size"] = world_size()  # the ranks that trained (all nodes)
         io.write(f"result-{rank}.json" if rank else "result.json", metrics)
         return 0
     except BaseException as exc:  # noqa: BLE001 - rank boundary: report it, with traceback
