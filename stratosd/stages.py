@@ -30,7 +30,14 @@ from stratosd.costmodel.costs import STAGE_PHASE, CostModel
 from stratosd.dispatch import Dispatcher, Outcome
 from stratosd.errors import AgentUnavailable, ConfigError, Infeasible, RemoteError
 from stratosd.fleet import Fleet
-from stratosd.groups import GROUP_KEYS, GroupJob, group_offers, nodes_asked, train_group
+from stratosd.groups import (
+    GROUP_KEYS,
+    GroupJob,
+    group_offer,
+    group_offers,
+    nodes_asked,
+    train_group,
+)
 from stratosd.pipeline import BudgetVerdict, StageFn, StageRun
 from stratosd.plugins import Plugins
 from stratosd.results import checked, stage_result
@@ -86,6 +93,11 @@ def offer_of(run: RunInfo, fleet: Fleet) -> ServerOffer:
     if selected is None:
         raise ConfigError(f"run {run.run_id} has no server yet",
                           hint="the select_server stage runs first")
+    members = [str(m) for m in (run.progress.get("group_members")
+                                or selected.selection.chosen.members)]
+    if len(members) > 1:  # a group: every member's price and speed, as it was scored
+        live = [fleet.offer(m) for m in members if m in fleet.agents]
+        return group_offer(live) if len(live) == len(members) else selected.selection.chosen
     agent = run.progress.get("agent_id") or selected.agent_id
     if agent and agent in fleet.agents:
         return fleet.offer(str(agent))
