@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--price-per-hour", dest="price_usd_per_hour", type=float,
                    help="what this host costs, USD/h")
     p.add_argument("--region", help="region label, e.g. us-east")
-    p.add_argument("--nats", dest="nats_url", help="NATS URL (default: the local daemon's)")
+    p.add_argument("--nats", dest="nats_url", metavar="URL[,URL...]",
+                   help="NATS URL, or a cluster's URLs comma-separated (default: the local "
+                   "daemon's)")
     p.add_argument("--config", help="TOML config file (default $STRATOS_CONFIG)")
     p.add_argument("--home", help="state directory (default $STRATOS_HOME or ~/.stratos)")
     p.add_argument("--interval", dest="telemetry_interval_s", type=float,
@@ -44,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-calibrate", dest="calibrate", action="store_const", const=False,
                    help="do not measure capacity at start (the calibrate command still works)")
     p.add_argument("--work-dir", help="job directories (default HOME/agents/ID)")
+    p.add_argument("--artifact-store", metavar="URI",
+                   help="put large artifacts in file:///shared/path or s3://bucket/prefix; "
+                   "the bus carries references (default: the bus's object store)")
+    p.add_argument("--artifact-store-min-bytes", type=int, metavar="N",
+                   help="only files of at least N bytes go to --artifact-store (default 0)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["auto", "json", "console"])
     args = p.parse_args(argv)

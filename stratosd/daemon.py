@@ -135,7 +135,7 @@ class Daemon:
 
     async def _serve(self) -> None:
         cfg = self.config
-        self.bus = Bus(await connect(cfg, "stratosd", self.url, retry_for_s=30.0))
+        self.bus = Bus(await connect(cfg, "stratosd", self.url, retry_for_s=30.0), cfg)
         await self.bus.ensure_streams()
         self.store = RunStore(self.bus)
         self.dispatch = Dispatcher(self.bus, ack_timeout_s=cfg.job_ack_timeout_s,
@@ -158,6 +158,11 @@ class Daemon:
         await self.dispatch.start()
         self.control = ControlService(self)
         await self.control.start()
+        self.metrics = None  # Prometheus exporter (stratosd.metrics), only with metrics_port
+        if cfg.metrics_port is not None:
+            from stratosd.metrics import DaemonMetrics
+
+            self.metrics = await DaemonMetrics.serve(self)
         jobs = [
             PeriodicJob("liveness", self.fleet.check_liveness, cfg.liveness_check_s, 0.0),
             PeriodicJob("agents_kv_flush", self.fleet.flush_kv, cfg.kv_flush_s, 0.5),
@@ -175,6 +180,8 @@ class Daemon:
         log.info("daemon_stopping")
         scheduler.shutdown(wait=False)
         await self.control.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
         try:
             await asyncio.wait_for(self.pipeline.stop(), cfg.handler_grace_s)
         except TimeoutError:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from schemas.commands import CancelRun
 from stratosd.ctl.common import add_common, ask, dump_json, run_async
 
 
@@ -20,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def main(args: argparse.Namespace) -> int:
     """Cancel and print the new state."""
+    from schemas.commands import CancelRun
+
     async def go() -> int:
         reply = await ask(args, "cancel", CancelRun(run_id=args.id), timeout=60)
         if args.json:

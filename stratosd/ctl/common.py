@@ -1,22 +1,21 @@
-"""Shared stratosctl plumbing: connect, request the daemon, print tables or JSON."""
+"""Shared stratosctl plumbing: connect, request the daemon, print tables or JSON.
+
+Imports only the standard library at module level: every subcommand imports this module, and
+`stratosctl X --help` must not pay for nats, msgspec or asyncio (they load when a command runs).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgspec
-
-from schemas import subjects
-from schemas.base import Message
-from stratosd.bus import Bus, connect
-from stratosd.config import StratosConfig, load_config
-from stratosd.errors import BusUnavailable, NotFound
+if TYPE_CHECKING:
+    from schemas.base import Message
+    from stratosd.bus import Bus
+    from stratosd.config import StratosConfig
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -26,18 +25,25 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 def config_from(args: argparse.Namespace) -> StratosConfig:
     """Config from --config/--nats/--home, env and files."""
+    from stratosd.config import StratosConfig, load_config
+
     return load_config(StratosConfig, args.config,
                        {"nats_url": args.nats_url, "home": getattr(args, "home", None)})
 
 
 async def open_bus(args: argparse.Namespace) -> Bus:
     """A connection to the daemon's NATS."""
+    from stratosd.bus import Bus, connect
+
     cfg = config_from(args)
     return Bus(await connect(cfg, "stratosctl"))
 
 
 async def ask(args: argparse.Namespace, verb: str, msg: Message, timeout: float = 10.0) -> Any:
     """One request to the daemon; unreachable → BusUnavailable (exit 3)."""
+    from schemas import subjects
+    from stratosd.errors import BusUnavailable, NotFound
+
     bus = await open_bus(args)
     try:
         return await bus.request(subjects.daemon_cmd(verb), msg, timeout=timeout)
@@ -51,11 +57,17 @@ async def ask(args: argparse.Namespace, verb: str, msg: Message, timeout: float 
 
 def run_async(fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """asyncio.run for a subcommand coroutine."""
+    import asyncio
+
     return asyncio.run(fn())
 
 
 def dump_json(obj: Any) -> None:
     """Structs/dicts as indented JSON on stdout."""
+    import json
+
+    import msgspec
+
     sys.stdout.write(json.dumps(msgspec.to_builtins(obj), indent=2, default=str) + "\n")
 
 

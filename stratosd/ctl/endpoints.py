@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from schemas.commands import ListEndpoints, UndeployEndpoint
 from stratosd.ctl.common import add_common, ago, ask, dump_json, run_async, table
 
 
@@ -24,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def main_list(args: argparse.Namespace) -> int:
     """Print endpoints."""
+    from schemas.commands import ListEndpoints
+
     async def go() -> int:
         eps = (await ask(args, "endpoints", ListEndpoints())).endpoints
         if args.json:
@@ -44,6 +45,8 @@ def main_list(args: argparse.Namespace) -> int:
 
 def main_undeploy(args: argparse.Namespace) -> int:
     """Stop one endpoint."""
+    from schemas.commands import UndeployEndpoint
+
     async def go() -> int:
         reply = await ask(args, "undeploy", UndeployEndpoint(endpoint_id=args.id), timeout=60)
         print(f"{reply.ref} {reply.state}")

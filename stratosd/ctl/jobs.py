@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from schemas.commands import GetRun, ListRuns, RunInfo
 from stratosd.ctl.common import add_common, ago, ask, dump_json, run_async, table
+
+if TYPE_CHECKING:
+    from schemas.commands import RunInfo
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -26,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def main_list(args: argparse.Namespace) -> int:
     """Print the runs table."""
+    from schemas.commands import ListRuns
+
     async def go() -> int:
         reply = await ask(args, "runs", ListRuns(limit=args.limit))
         if args.json:
@@ -92,6 +96,8 @@ def print_run(run: RunInfo) -> None:
 
 def main_status(args: argparse.Namespace) -> int:
     """Print one run."""
+    from schemas.commands import GetRun
+
     async def go() -> int:
         reply = await ask(args, "run", GetRun(run_id=args.id))
         if args.json:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from schemas.commands import PlanRun
 from stratosd.ctl.common import add_common, ask, dump_json, run_async
-from stratosd.validate import parse_spec_toml
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -42,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def main(args: argparse.Namespace) -> int:
     """Print the plan table (and write the plot)."""
+    from schemas.commands import PlanRun
     from stratosd import planning
+    from stratosd.validate import parse_spec_toml
 
     spec = parse_spec_toml(args.file)
 

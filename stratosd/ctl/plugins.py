@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from schemas.commands import ListPlugins
 from stratosd.ctl.common import add_common, ask, dump_json, run_async, table
 
 
@@ -20,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def main(args: argparse.Namespace) -> int:
     """Print the plugin table."""
+    from schemas.commands import ListPlugins
+
     async def go() -> int:
         if args.local:
             from stratosd.plugins import Plugins

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from schemas.commands import GetReport
 from stratosd.ctl.common import add_common, ask, dump_json, run_async
 
 
@@ -19,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def main(args: argparse.Namespace) -> int:
     """Print the report."""
+    from schemas.commands import GetReport
+
     async def go() -> int:
         reply = await ask(args, "report", GetReport(run_id=args.id))
         if args.json:

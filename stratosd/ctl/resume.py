@@ -8,7 +8,6 @@ import json
 import tomllib
 from typing import Any
 
-from schemas.commands import ResumeRun
 from stratosd.ctl.common import add_common, ask, dump_json, run_async
 from stratosd.errors import ConfigError
 
@@ -77,6 +76,8 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     """Resume and print the new state (or follow it with --watch)."""
+    from schemas.commands import ResumeRun
+
     changes = parse_sets(args.sets)
 
     async def go() -> int:

@@ -4,17 +4,17 @@ with catalog offers; `--calibrate` has the agents measure again first."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from schemas import subjects
-from schemas.commands import Accepted, CalibrateServers, ListServers, ServerList, ServerRow
-from schemas.telemetry import Capacity
-from stratosd.bus import Bus
 from stratosd.ctl.common import add_common, ago, dump_json, open_bus, run_async, table
-from stratosd.errors import BusUnavailable, NotFound
+
+if TYPE_CHECKING:
+    from schemas.commands import ServerList, ServerRow
+    from schemas.telemetry import Capacity
+    from stratosd.bus import Bus
 
 EPILOG = """\
 examples:
@@ -79,6 +79,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _list(bus: Bus, offers: bool = False) -> ServerList:
+    from schemas import subjects
+    from schemas.commands import ListServers, ServerList
+    from stratosd.errors import BusUnavailable, NotFound
+
     try:
         reply = await bus.request(subjects.daemon_cmd("servers"), ListServers(offers=offers),
                                   timeout=10.0)
@@ -98,6 +102,11 @@ def _stamp(row: ServerRow) -> datetime | None:
 async def _calibrate(bus: Bus, agent_ids: list[str], timeout_s: float) -> list[str]:
     """Send CalibrateServers, then wait until each agent asked reports a capacity other than
     the one it had before (agents' clocks are not compared with ours); return the late ones."""
+    import asyncio
+
+    from schemas import subjects
+    from schemas.commands import Accepted, CalibrateServers
+
     servers = (await _list(bus)).servers
     before = {r.offer.id: _stamp(r) for r in servers}
     requested = agent_ids or [r.offer.id for r in servers if r.offer.status == "up"]

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from schemas.commands import SubmitRun
 from stratosd.ctl.common import add_common, ask, dump_json, run_async
-from stratosd.validate import parse_spec_toml
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def main(args: argparse.Namespace) -> int:
     """Submit and print the id (or follow it with --watch)."""
+    from schemas.commands import SubmitRun
+    from stratosd.validate import parse_spec_toml
+
     spec = parse_spec_toml(args.file)
 
     run_ids: list[str] = []
