@@ -19,6 +19,7 @@ from schemas.events import Event
 from schemas.specs import RunSpec
 from schemas.stages import STAGE_RESULTS
 from schemas.telemetry import AgentTelemetry
+from schemas.tenants import TenantCommand, TenantJob, TenantReply
 
 OUT = Path(__file__).parent / "json"
 DOCUMENTS: dict[str, Any] = {
@@ -28,6 +29,9 @@ DOCUMENTS: dict[str, Any] = {
     "replies": Reply,
     "telemetry": AgentTelemetry,
     "run_spec": RunSpec,
+    "tenant_commands": TenantCommand,
+    "tenant_replies": TenantReply,
+    "tenant_job": TenantJob,
 }
 
 

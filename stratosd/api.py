@@ -301,6 +301,38 @@ class Deployer(abc.ABC):
         """Start serving, call ctx.ready(url=...) once healthy, return when should_stop()."""
 
 
+# --- tenants: personalised aggregation (runs in the daemon, numpy only) ----------------------
+
+
+class Aggregator(abc.ABC):
+    """Combines tenants' per-round updates into one personal mix per tenant.
+
+    `sends` says what each tenant's agent sends per round: "importance" (one score per LoRA
+    rank and module, inline) or "lora" (the LoRA factors `<module>.lora_A` (r×in),
+    `<module>.lora_B` (out×r) and the scalar `<module>.scaling`, as numpy arrays).
+    `returns` says what each tenant applies: "importance" (module → mixed score per rank; the
+    tenant keeps its top ranks of its own adapter) or "delta" (module → a weight delta
+    (out×in) added to its weights). Updates come only from tenants on the same student and
+    rank (the daemon groups them first)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    sends: ClassVar[Literal["importance", "lora"]] = "lora"
+    returns: ClassVar[Literal["importance", "delta"]] = "delta"
+
+    def __init__(self, params: Mapping[str, Any] | None = None) -> None:
+        self.params: dict[str, Any] = dict(params or {})
+
+    @abc.abstractmethod
+    def aggregate(
+        self,
+        updates: Mapping[str, Mapping[str, Any]],
+        weights: Mapping[str, Mapping[str, float]],
+    ) -> dict[str, dict[str, Any]]:
+        """tenant → its mix. updates: tenant → {name → numpy array}; weights: tenant i →
+        {tenant j → w_ij}, each row summing to 1 over the tenants in updates."""
+
+
 # --- daemon-side ----------------------------------------------------------------------------
 
 

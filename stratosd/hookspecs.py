@@ -15,6 +15,7 @@ from stratosd import hookspec
 if TYPE_CHECKING:
     from schemas.specs import ServerOffer, StudentCandidate, TaskSpec, TeacherScore
     from stratosd.api import (
+        Aggregator,
         DaemonAPI,
         Deployer,
         DistillationMode,
@@ -97,3 +98,9 @@ def stratos_on_event(event: Any) -> Awaitable[None] | None:
 @hookspec
 def stratos_shutdown(daemon: DaemonAPI) -> Awaitable[None] | None:
     """Called at daemon shutdown, before the bus is drained."""
+
+
+@hookspec
+def stratos_aggregators() -> list[type[Aggregator]]:
+    """Return Aggregator classes: rules that mix tenants' adapter updates by similarity
+    (e.g. `acme-top-rank`, `lora-product-average`); used by the daemon's tenants jobs."""

@@ -25,6 +25,7 @@ from stratosd.registry import Registry
 if TYPE_CHECKING:
     from schemas.specs import ServerOffer, StudentCandidate, TaskSpec, TeacherScore
     from stratosd.api import (
+        Aggregator,
         Deployer,
         DistillationMode,
         OfferCatalog,
@@ -59,6 +60,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.trainers.grpo",
     "plugins.deployers.http_builtin",
     "plugins.deployers.vllm",
+    "plugins.aggregators.builtin",
 )
 
 T = TypeVar("T")
@@ -165,6 +167,11 @@ class Plugins:
         """Task packs by name."""
         return self._collect("stratos_tasks", "task")
 
+    @cached_property
+    def aggregators(self) -> Registry[Aggregator]:
+        """Tenant aggregation rules by name."""
+        return self._collect("stratos_aggregators", "aggregator")
+
     def catalog_offers(self) -> list[ServerOffer]:
         """Every offer from every catalog plugin."""
         return [o for name in self.catalogs.names() for o in self.catalogs.get(name)().offers()]
@@ -258,6 +265,7 @@ class Plugins:
             "trainers",
             "deployers",
             "tasks",
+            "aggregators",
         ):
             reg: Registry[Any] = getattr(self, reg_name)
             for name in reg.names():

@@ -65,11 +65,22 @@ class ControlService:
         handler = micro_handler(DAEMON_COMMAND_DECODER, self.handle, source="stratosd")
         for verb in subjects.DAEMON_VERBS:
             await group.add_endpoint(name=verb, subject=verb, handler=handler)
+        from schemas.tenants import TENANT_COMMAND_DECODER
+        from stratosd.tenants.service import TenantService
+
+        self.tenants = TenantService(self.d)
+        await self.tenants.start()
+        tenant_handler = micro_handler(TENANT_COMMAND_DECODER, self.tenants.handle,
+                                       source="stratosd")
+        for verb in subjects.TENANT_VERBS:
+            await group.add_endpoint(name=verb, subject=verb, handler=tenant_handler)
 
     async def stop(self) -> None:
         """Stop answering."""
         if self.service is not None:
             await self.service.stop()
+        if getattr(self, "tenants", None) is not None:
+            await self.tenants.stop()
 
     async def handle(self, cmd: Any) -> Message:
         """Dispatch on the command type."""

@@ -86,6 +86,10 @@ def test_hook_stratos_tasks() -> None:
     assert {"mahjong-winning-tiles", "gsm8k", "jsonl-qa"} <= set(_plugins().tasks.names())
 
 
+def test_hook_stratos_aggregators() -> None:
+    assert {"acme-top-rank", "lora-product-average"} <= set(_plugins().aggregators.names())
+
+
 def test_hook_stratos_choose_mode() -> None:
     task = TaskSpec(name="gsm8k")
     good = TeacherScore(name="t", backend="hf", model="m", accuracy=0.9, n=10, correct=9)
