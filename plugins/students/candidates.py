@@ -1,20 +1,33 @@
 """Students that fit the server, and the capacity pre-screen that drops weak ones early.
 
-Memory model (bytes; P = all parameters, T = trainable ones, a = dtype_bytes, b = batch,
-s = sequence length, L = layers, h = hidden, i = MLP width, kv = key/value width, H = heads,
-V = vocabulary):
+Memory model (bytes; P = all parameters, T = trainable ones, a = the compute dtype's bytes (4 on
+CPU, 2 under bf16/fp16 autocast on a GPU), b = batch, s = sequence length, L = layers,
+h = hidden, i = MLP width, q = query width, kv = key/value width, V = vocabulary;
+P_lin = L * (2hq + 2h*kv + 3hi) the blocks' linear weights):
 
-    weights      = P * a
-    train state  = T * 16                    LoRA: fp32 adapter weight + grad + 2 Adam moments
-                 = P * 3a                    full: grad + 2 Adam moments in the weights' dtype
+    weights      = P * 4                     full SFT: fp32 master weights (trainers.precision)
+                 = P * a                     LoRA: the frozen base as loaded; GRPO: as loaded
+                 = P_lin * 0.516 + (P - P_lin) * 4
+                                             QLoRA: NF4 linear weights (4 bits + double-quantized
+                                             block scales), the rest fp32 (prepare_model_for_kbit)
+    grads        = P * 4 (full SFT) | P * a (GRPO full) | T * 4 (LoRA) | T * 2 (QLoRA: bf16)
+    optimizer    = 2 Adam moments in the grads' dtype
+    weight casts = (P_lin + V * h) * a       full SFT under autocast (a < 4): the low-precision
+                                             copies of the matmul weights, saved for backward
     activations  = b * s * L * (18h + 3i + 2kv) * a      kept for backward, per token and layer
                  + b * s * L * (7h + i + 2kv) * a        LoRA only: adapter outputs and sums
                  + b * s * V * 4 * 3                     fp32 logits, log-softmax and their grad
                    (SDPA attention keeps no s^2 matrix; gradient checkpointing keeps each
-                   layer's input plus one layer's worth)
-    train_mib    = (weights + train state + activations) * 1.05 allocator slack + runtime
-    serve_mib    = weights + KV cache (2 * L * kv * s * b * a) + one layer of activations
-                   + logits + runtime
+                   layer's input (b * s * h in the residual stream's dtype: fp32 for full SFT)
+                   plus 3 layers' worth: the recomputed layer, its gradients and backward's
+                   temporaries, calibrated on CPU peak RSS, tests/plugins/test_precision.py)
+    packed mask  = (b * s)^2                 packing: a padding-free batch is one row of b * s
+                                             tokens; sdpa/eager attention gets a block-diagonal
+                                             bool mask over it (flash attention needs none).
+                                             Packed rows are full, so s is exactly max_length.
+    train_mib    = (weights + grads + optimizer + casts + activations + mask) * 1.05 + runtime
+    serve_mib    = weights (as served: P * a) + KV cache (2 * L * kv * s * b * a)
+                   + one layer of activations + logits + runtime
 
 runtime is the CUDA context and kernels (600 MiB) on a GPU and 0 for the CPU estimate. The
 coefficients were calibrated against peak RSS on CPU (tests/plugins/test_students.py).
@@ -26,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +55,8 @@ log = structlog.stdlib.get_logger(__name__)
 MIB = 1024 * 1024
 GPU_RUNTIME_MIB = 600.0
 ALLOCATOR_SLACK = 1.05
+NF4_BYTES = 0.5 + 8 / 64 / 8 + 32 / (64 * 256) / 8  # 4 bits + fp8 absmax per 64 + fp32 per 256
+CKPT_LAYERS = 3  # checkpointed backward: one layer's activations ~3 times (see the docstring)
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,12 @@ class ModelDims:
     def kv_width(self) -> int:
         """Width of one of K or V per token and layer."""
         return self.kv_heads * self.head_dim
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the blocks' linear layers (q, k, v, o, gate, up, down)."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_width
+        return self.layers * (2 * h * q + 2 * h * kv + 3 * h * i)
 
     def lora_params(self, r: int) -> int:
         """Adapter parameters with rank r on every linear layer of every block."""
@@ -130,6 +151,35 @@ def param_count(ref: str) -> int:
     return model_dims(ref).n_params
 
 
+@dataclass(frozen=True)
+class TrainBytes:
+    """Bytes per element of each part of the training state (see the module docstring)."""
+
+    weights: float  # per parameter of the model as held (QLoRA: see quantized_weights)
+    grads: float  # per trainable parameter
+    optimizer: float  # both Adam moments, per trainable parameter
+    activations: float  # per saved activation element (the compute dtype)
+    weight_casts: float  # autocast's copies of the matmul weights (0: none)
+    residual: float  # the residual stream (what gradient checkpointing keeps per layer)
+
+
+def train_bytes(trainer: str, *, dtype_bytes: int, lora: bool,
+                quantization: str = "none") -> TrainBytes:
+    """How a trainer holds its state when computing in `dtype_bytes` (4: fp32, 2: bf16/fp16)."""
+    a = float(dtype_bytes)
+    if lora and quantization == "4bit":  # trl casts QLoRA adapters to bf16
+        return TrainBytes(weights=4.0, grads=2.0, optimizer=4.0, activations=a,
+                          weight_casts=0.0, residual=4.0)
+    if lora:
+        return TrainBytes(weights=a, grads=4.0, optimizer=8.0, activations=a, weight_casts=0.0,
+                          residual=a)
+    if trainer == "full-sft":  # fp32 master weights, autocast below fp32 on a GPU
+        return TrainBytes(weights=4.0, grads=4.0, optimizer=8.0, activations=a,
+                          weight_casts=a if a < 4 else 0.0, residual=4.0)
+    return TrainBytes(weights=a, grads=a, optimizer=2 * a, activations=a, weight_casts=0.0,
+                      residual=a)  # GRPO on full weights trains them as loaded
+
+
 def estimate_memory(
     params: int | ModelDims,
     *,
@@ -140,35 +190,69 @@ def estimate_memory(
     dtype_bytes: int = 4,
     gradient_checkpointing: bool = False,
     runtime_mib: float = 0.0,
+    quantization: str = "none",
+    packing: bool = False,
 ) -> dict[str, float]:
-    """Training and serving memory in MiB with its parts (see the module docstring)."""
+    """Training and serving memory in MiB with its parts (see the module docstring);
+    `dtype_bytes` is the compute dtype (2 under bf16/fp16 autocast on a GPU, 4 on CPU)."""
     d = params if isinstance(params, ModelDims) else dims_from_count(int(params))
     a, b, s = dtype_bytes, batch_size, seq_len
     lora = trainer == "lora-sft" or (trainer == "grpo" and lora_r > 0)
-    weights = d.n_params * a
+    qlora = lora and trainer == "lora-sft" and quantization == "4bit"
+    by = train_bytes(trainer, dtype_bytes=a, lora=lora, quantization=quantization if lora
+                     else "none")
+    if qlora:
+        weights = d.linear_params * NF4_BYTES + (d.n_params - d.linear_params) * by.weights
+    else:
+        weights = d.n_params * by.weights
     trainable = d.lora_params(lora_r) if lora else d.n_params
-    state = trainable * 16 if lora else d.n_params * 3 * a
-    per_token_layer = (18 * d.hidden + 3 * d.intermediate + 2 * d.kv_width) * a
+    grads = trainable * by.grads
+    optimizer = trainable * by.optimizer
+    casts = (d.linear_params + d.vocab * d.hidden) * by.weight_casts
+    per_token_layer = (18 * d.hidden + 3 * d.intermediate + 2 * d.kv_width) * by.activations
     if lora:
-        per_token_layer += (7 * d.hidden + d.intermediate + 2 * d.kv_width) * a
+        per_token_layer += (7 * d.hidden + d.intermediate + 2 * d.kv_width) * by.activations
     logits = b * s * d.vocab * 4 * 3
     if gradient_checkpointing:
-        acts = b * s * d.layers * d.hidden * a + b * s * per_token_layer + logits
+        acts = (b * s * d.layers * d.hidden * by.residual + CKPT_LAYERS * b * s * per_token_layer
+                + logits)
     else:
         acts = b * s * d.layers * per_token_layer + logits
-    train = (weights + state + acts) * ALLOCATOR_SLACK / MIB + runtime_mib
+    mask = float((b * s) ** 2) if packing else 0.0
+    total = weights + grads + optimizer + casts + acts + mask
+    train = total * ALLOCATOR_SLACK / MIB + runtime_mib
+    served = d.n_params * a  # the saved weights as a server loads them
     kv_cache = 2 * d.layers * d.kv_width * s * b * a
     serve_acts = b * s * (2 * d.hidden + 2 * d.intermediate) * a + b * d.vocab * 4
-    serve = (weights + kv_cache + serve_acts) * ALLOCATOR_SLACK / MIB + runtime_mib
+    serve = (served + kv_cache + serve_acts) * ALLOCATOR_SLACK / MIB + runtime_mib
     return {
         "train_mib": round(train, 1),
         "serve_mib": round(serve, 1),
         "weights_mib": round(weights / MIB, 1),
         "trainable_params": float(trainable),
-        "optimizer_grad_mib": round(state / MIB, 1),
+        "grads_mib": round(grads / MIB, 1),
+        "optimizer_mib": round(optimizer / MIB, 1),
+        "optimizer_grad_mib": round((grads + optimizer) / MIB, 1),
+        "weight_casts_mib": round(casts / MIB, 1),
         "activations_mib": round(acts / MIB, 1),
+        "packed_mask_mib": round(mask / MIB, 1),
         "kv_cache_mib": round(kv_cache / MIB, 1),
         "runtime_mib": runtime_mib,
+    }
+
+
+def student_memory_kwargs(sp: Mapping[str, Any], *, gpu: bool, seq_len: int, batch_size: int,
+                          lora_r: int, gradient_checkpointing: bool) -> dict[str, Any]:
+    """estimate_memory keywords from a student's training params (they win over the defaults):
+    the compute dtype follows the device (autocast on a GPU), plus QLoRA and packing."""
+    return {
+        "seq_len": int(sp.get("max_length", seq_len)),
+        "batch_size": int(sp.get("per_device_train_batch_size", batch_size)),
+        "lora_r": int(sp.get("lora_r", lora_r)),
+        "dtype_bytes": 2 if gpu and bool(sp.get("bf16", True)) else 4,
+        "gradient_checkpointing": bool(sp.get("gradient_checkpointing", gradient_checkpointing)),
+        "quantization": str(sp.get("quantization", "none")),
+        "packing": bool(sp.get("packing", False)),
     }
 
 
@@ -208,11 +292,9 @@ def fit(
                                         reason=f"cannot size {ref}: {exc}"))
             continue
         est = estimate_memory(
-            dims, trainer=trainer, seq_len=int(sp.get("max_length", seq_len)),
-            batch_size=int(sp.get("per_device_train_batch_size", batch_size)),
-            lora_r=int(sp.get("lora_r", lora_r)), dtype_bytes=2 if gpu else 4,
-            gradient_checkpointing=bool(sp.get("gradient_checkpointing", gradient_checkpointing)),
-            runtime_mib=GPU_RUNTIME_MIB if gpu else 0.0,
+            dims, trainer=trainer, runtime_mib=GPU_RUNTIME_MIB if gpu else 0.0,
+            **student_memory_kwargs(sp, gpu=gpu, seq_len=seq_len, batch_size=batch_size,
+                                    lora_r=lora_r, gradient_checkpointing=gradient_checkpointing),
         )
         usable = cap * headroom
         if est["train_mib"] > usable:

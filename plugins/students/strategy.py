@@ -6,10 +6,12 @@ job's global batch b split into b/N per rank:
 
     single   one device, batch b                  = estimate_memory(b)
     ddp      every device holds a replica         = estimate_memory(b/N) + gradient buckets
-             (DDP copies the trainable gradients into its all-reduce buckets: T * a)
-    fsdp     weights, gradients and optimizer state sharded over N; activations per rank;
-             plus the full weights of the units being gathered (FSDP2 prefetches one: two
-             blocks) and of the largest unit (embeddings and head):
+             (DDP copies the trainable gradients into its all-reduce buckets: T * grad bytes,
+             fp32 for full SFT's master weights)
+    fsdp     weights, gradients and optimizer state sharded over N; activations (and a packed
+             batch's mask) per rank; plus the full weights of the units being gathered (FSDP2
+             prefetches one: two blocks) and of the largest unit (embeddings and head), in the
+             compute dtype (FSDP's mixed-precision policy gathers them so: no autocast copies):
              = (weights + train state) / N + activations(b/N) + (2 * block + V * h) * a
 
 Everything else (headroom, runtime) is as in `candidates.fit`. CPU hosts have one "device"
@@ -30,6 +32,7 @@ from plugins.students.candidates import (
     capacity_mib,
     estimate_memory,
     model_dims,
+    student_memory_kwargs,
 )
 from schemas.specs import ServerOffer, StudentCandidate, StudentSpec
 from stratosd.errors import ConfigError
@@ -57,28 +60,32 @@ class StrategyFit:
 def strategy_memory(dims: ModelDims, strategy: str, ranks: int, *, trainer: str = "lora-sft",
                     seq_len: int = 512, batch: int = 8, lora_r: int = 16,
                     dtype_bytes: int = 4, gradient_checkpointing: bool = False,
-                    runtime_mib: float = 0.0) -> float:
+                    runtime_mib: float = 0.0, quantization: str = "none",
+                    packing: bool = False) -> float:
     """Training memory per device, MiB, of one strategy over `ranks` devices; `batch` is the
     job's micro-batch (its one-rank figure), which the ranks split."""
     n = 1 if strategy == "single" else max(ranks, 1)
     per_rank_batch = max(batch // n, 1)
     est = estimate_memory(dims, trainer=trainer, seq_len=seq_len, batch_size=per_rank_batch,
                           lora_r=lora_r, dtype_bytes=dtype_bytes,
-                          gradient_checkpointing=gradient_checkpointing, runtime_mib=runtime_mib)
+                          gradient_checkpointing=gradient_checkpointing, runtime_mib=runtime_mib,
+                          quantization=quantization, packing=packing)
     a = dtype_bytes
-    slack = est["train_mib"] - runtime_mib - (
-        est["weights_mib"] + est["optimizer_grad_mib"] + est["activations_mib"])
+    parts = ("weights_mib", "optimizer_grad_mib", "weight_casts_mib", "activations_mib",
+             "packed_mask_mib")
+    slack = est["train_mib"] - runtime_mib - sum(est[k] for k in parts)
     if strategy == "single":
         return est["train_mib"]
     if strategy == "ddp":
-        return est["train_mib"] + est["trainable_params"] * a / MIB
+        return est["train_mib"] + est["grads_mib"]
     if strategy != "fsdp":
         raise ConfigError(f"unknown strategy {strategy!r}", hint="single, ddp or fsdp",
                           field="train.strategy")
     block = (dims.n_params - 2 * dims.vocab * dims.hidden) / max(dims.layers, 1)
     gathered = (2 * max(block, 0) + dims.vocab * dims.hidden) * a / MIB
     sharded = (est["weights_mib"] + est["optimizer_grad_mib"]) / n
-    return sharded + est["activations_mib"] + gathered + max(slack, 0.0) / n + runtime_mib
+    per_rank = est["activations_mib"] + est["packed_mask_mib"]
+    return sharded + per_rank + gathered + max(slack, 0.0) / n + runtime_mib
 
 
 def strategy_fits(dims: ModelDims, offer: ServerOffer, *, headroom: float = 0.9,
@@ -121,13 +128,11 @@ def fit_students(students: Iterable[StudentSpec | str], offer: ServerOffer, *,
             out.append(StudentCandidate(model=ref, fits=False, kept=False,
                                         reason=f"cannot size {ref}: {exc}"))
             continue
-        fits = strategy_fits(
-            dims, offer, headroom=headroom, trainer=trainer,
-            seq_len=int(sp.get("max_length", seq_len)),
-            batch=int(sp.get("per_device_train_batch_size", batch_size)),
-            lora_r=int(sp.get("lora_r", lora_r)),
-            gradient_checkpointing=bool(sp.get("gradient_checkpointing",
-                                               gradient_checkpointing)))
+        kw = student_memory_kwargs(sp, gpu=offer.gpu_count > 0, seq_len=seq_len,
+                                   batch_size=batch_size, lora_r=lora_r,
+                                   gradient_checkpointing=gradient_checkpointing)
+        kw["batch"] = kw.pop("batch_size")
+        fits = strategy_fits(dims, offer, headroom=headroom, trainer=trainer, **kw)
         best = best_fit(fits)
         if trainer == "lora-sft" and best is not None and best.strategy == "fsdp":
             best = None  # lora-sft replicates (plugins.trainers.lora_sft.supports_fsdp)
@@ -165,5 +170,6 @@ def replica_fits_device(model: str, trainer: str, params: Mapping[str, Any],
         batch=int(params.get("per_device_train_batch_size", 8)),
         lora_r=int(params.get("lora_r", 16)), dtype_bytes=2 if bf16 else 4,
         gradient_checkpointing=bool(params.get("gradient_checkpointing", False)),
-        runtime_mib=GPU_RUNTIME_MIB)
+        runtime_mib=GPU_RUNTIME_MIB, quantization=str(params.get("quantization", "none")),
+        packing=bool(params.get("packing", False)))
     return mib <= cap * headroom

@@ -38,7 +38,11 @@ def cuda_available() -> bool:
 
 
 def param_count_of(model: Any) -> int:
-    """Parameters of a loaded model (all, not only trainable)."""
+    """Parameters of a loaded model (all, not only trainable; a 4-bit layer's packed bytes
+    count as the weights they hold)."""
+    if getattr(model, "is_loaded_in_4bit", False) and callable(getattr(model, "num_parameters",
+                                                                       None)):
+        return int(model.num_parameters())
     return int(sum(p.numel() for p in model.parameters()))
 
 

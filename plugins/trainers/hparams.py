@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stratosd.api import TrainContext
 from stratosd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from plugins.trainers.precision import Precision
 
 # Params every trainer understands, with what they mean (shown in errors).
 COMMON_PARAMS: dict[str, str] = {
@@ -29,8 +32,10 @@ COMMON_PARAMS: dict[str, str] = {
     "weight_decay": "AdamW weight decay",
     "lr_scheduler_type": "transformers scheduler name (linear, cosine, constant, ...)",
     "max_grad_norm": "gradient clipping norm",
-    "gradient_checkpointing": "recompute activations to save memory",
-    "bf16": "bfloat16 mixed precision (GPU)",
+    "gradient_checkpointing": "recompute each layer's activations in backward: keeps only the "
+                              "layer inputs (memory ~1/L of the activations, ~30% slower)",
+    "bf16": "mixed precision on a GPU: bf16 autocast (fp16 + loss scaling where bf16 is "
+            "unsupported); weights and optimizer stay fp32 for full SFT; ignored on CPU (fp32)",
     "progress_interval_s": "seconds between progress reports",
     "cpu_threads": "torch CPU threads while training (0: torch's default)",
     "ranks": "data-parallel ranks, one per device (0: every device the agent holds; 1 on CPU)",
@@ -41,7 +46,20 @@ LORA_PARAMS: dict[str, str] = {
     "lora_alpha": "LoRA scaling alpha",
     "lora_dropout": "LoRA dropout",
     "lora_target_modules": "modules that get adapters ('all-linear' or a list of names)",
+    "quantization": "'none', or '4bit' for QLoRA: an NF4 base (bitsandbytes, CUDA only; "
+                    "pip install stratos[qlora])",
 }
+# Params of both SFT trainers (full and LoRA).
+SFT_PARAMS: dict[str, str] = {
+    "packing": "pack several examples into each max_length row (best-fit, no padding; the "
+               "loss stays on the completions and examples never attend to each other)",
+}
+# Params of full-weight SFT only.
+FULL_SFT_PARAMS: dict[str, str] = {
+    "save_dtype": "dtype of the saved weights: float32 (the trained master weights), "
+                  "bfloat16 or float16",
+}
+QUANTIZATION_VALUES = ("none", "4bit")
 GRPO_PARAMS: dict[str, str] = {
     "num_generations": "completions sampled per prompt",
     "max_completion_length": "tokens generated per completion",
@@ -94,7 +112,8 @@ def size_defaults(n_params: int, trainer: str, *, cuda: bool = False) -> dict[st
         max_steps=-1, num_train_epochs=3, save_total_limit=2, weight_decay=0.0,
         lr_scheduler_type="linear", max_grad_norm=1.0, lora_dropout=0.0,
         lora_target_modules="all-linear", bf16=cuda and n_params >= TINY_MAX_PARAMS,
-        progress_interval_s=2.0, ranks=0, strategy="auto",
+        progress_interval_s=2.0, ranks=0, strategy="auto", packing=False, quantization="none",
+        save_dtype="float32",
         # Tiny matrices gain nothing from intra-op threads, and lose a lot when cores are shared;
         # an agent's --threads cap (STRATOS_JOB_THREADS) is what it calibrated with: use it.
         cpu_threads=agent_job_threads() or (1 if n_params < TINY_MAX_PARAMS and not cuda else 0),
@@ -145,6 +164,15 @@ def resolve_params(
         if key in params and not isinstance(params[key], int):
             raise ConfigError(f"training param {key!r} must be an integer, got {params[key]!r}",
                               hint="pass a whole number", field=f"train.{key}")
+    for key in ("packing", "gradient_checkpointing", "bf16"):
+        if key in params and not isinstance(params[key], bool):
+            raise ConfigError(f"training param {key!r} must be true or false, got "
+                              f"{params[key]!r}", hint="pass a boolean", field=f"train.{key}")
+    if "quantization" in params and params["quantization"] not in QUANTIZATION_VALUES:
+        raise ConfigError(f"training param 'quantization' must be one of "
+                          f"{', '.join(QUANTIZATION_VALUES)}, got {params['quantization']!r}",
+                          hint="'4bit' trains LoRA on an NF4-quantized base (QLoRA, CUDA only)",
+                          field="train.quantization")
     if "per_device_train_batch_size" in params and "gradient_accumulation_steps" in params:
         # The batch is the job's global one (one rank's figures); under torchrun each rank
         # takes its share, so any world size sees the same examples per optimizer step.
@@ -164,8 +192,15 @@ def allowed_params(*extra: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def training_kwargs(params: Mapping[str, Any], ctx: TrainContext, *, cuda: bool) -> dict[str, Any]:
-    """TrainingArguments keywords shared by SFTConfig and GRPOConfig."""
+def training_kwargs(params: Mapping[str, Any], ctx: TrainContext, *, cuda: bool,
+                    precision: Precision | None = None) -> dict[str, Any]:
+    """TrainingArguments keywords shared by SFTConfig and GRPOConfig (transformers >= 5.23:
+    `activation_checkpointing`); `precision` defaults to the one `bf16` and the device ask for."""
+    if precision is None:
+        from plugins.trainers.precision import for_params
+
+        precision = for_params(dict(params), cuda=cuda)
+    checkpointing = bool(params["gradient_checkpointing"])
     return {
         "output_dir": str(ctx.checkpoint_dir),
         "max_steps": params["max_steps"],
@@ -181,9 +216,11 @@ def training_kwargs(params: Mapping[str, Any], ctx: TrainContext, *, cuda: bool)
         "weight_decay": params["weight_decay"],
         "lr_scheduler_type": params["lr_scheduler_type"],
         "max_grad_norm": params["max_grad_norm"],
-        "activation_checkpointing": bool(params["gradient_checkpointing"]),
-        "bf16": bool(params["bf16"]) and cuda,
-        "fp16": False,
+        "activation_checkpointing": checkpointing,
+        # Non-reentrant: works with frozen inputs (LoRA) and needs no input grads.
+        "activation_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
+        "bf16": precision.bf16,
+        "fp16": precision.fp16,
         "use_cpu": not cuda,
         "seed": ctx.seed,
         "data_seed": ctx.seed,
@@ -208,4 +245,5 @@ def fsdp_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
         "fsdp_config": {"version": 2, "state_dict_type": "FULL_STATE_DICT",
                         "activation_checkpointing": bool(params["gradient_checkpointing"])},
         "activation_checkpointing": False,  # FSDP does it per wrapped block (fsdp_config)
+        "activation_checkpointing_kwargs": None,
     }

@@ -43,8 +43,9 @@ def test_estimate_parts_behave() -> None:
     full = estimate_memory(d, trainer="full-sft", seq_len=512, batch_size=4, dtype_bytes=2)
     ckpt = estimate_memory(d, trainer="lora-sft", seq_len=512, batch_size=4, dtype_bytes=2,
                            gradient_checkpointing=True)
-    assert lora["weights_mib"] == full["weights_mib"] == pytest.approx(d.n_params * 2 / 2**20,
-                                                                        rel=0.01)
+    assert lora["weights_mib"] == pytest.approx(d.n_params * 2 / 2**20, rel=0.01)
+    # full SFT keeps fp32 master weights under bf16 autocast (plugins.trainers.precision)
+    assert full["weights_mib"] == pytest.approx(d.n_params * 4 / 2**20, rel=0.01)
     assert lora["optimizer_grad_mib"] < full["optimizer_grad_mib"] / 50
     assert ckpt["activations_mib"] < lora["activations_mib"] / 5
     assert lora["serve_mib"] < lora["train_mib"] < full["train_mib"]
