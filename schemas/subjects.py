@@ -51,6 +51,16 @@ def agent_event(agent_id: str, event: str) -> str:
     return f"{PREFIX}.evt.agent.{_tok(agent_id, 'agent_id')}.{_tok(event, 'event')}"
 
 
+def tenant_event(job_id: str, event: str) -> str:
+    """stratos.evt.tenant.{job_id}.{event} — a tenants job's events (schemas.tenants)."""
+    return f"{PREFIX}.evt.tenant.{_tok(job_id, 'job_id')}.{_tok(event, 'event')}"
+
+
+def tenant_events(job_id: str = "*") -> str:
+    """Filter for one tenants job's events (or all of them)."""
+    return f"{PREFIX}.evt.tenant.{job_id}.>"
+
+
 def run_events(run_id: str = "*") -> str:
     """Filter for one run's events (or all runs)."""
     return f"{PREFIX}.evt.run.{run_id}.>"

@@ -160,6 +160,22 @@ class TenantBytes(msgspec.Struct, frozen=True, kw_only=True):
     mixes: int = 0  # to_agent part that is aggregated mixes
 
 
+class TenantBudget(msgspec.Struct, frozen=True, kw_only=True):
+    """The per-tenant cost check before training: the core cost model's estimate of what is
+    left (rounds x tracks of tenant_train, tenant_apply, tenant_evaluate) on its agent's offer,
+    plus the estimated cost of the probe that already ran, against budget_usd."""
+
+    budget_usd: float
+    estimate_usd: float  # the whole tenant's work (probe + what is left), central estimate
+    low_usd: float = 0.0
+    high_usd: float = 0.0
+    probe_usd: float = 0.0  # part of estimate_usd already spent when the check ran
+    price_usd_per_hour: float = 0.0
+    student: str = ""
+    basis: str = ""  # the arithmetic in words
+    fits: bool = True
+
+
 class TenantResult(msgspec.Struct, frozen=True, kw_only=True):
     """One tenant's section of the report."""
 
@@ -177,6 +193,8 @@ class TenantResult(msgspec.Struct, frozen=True, kw_only=True):
     bytes: TenantBytes = TenantBytes()
     state: Literal["ok", "lost", "failed"] = "ok"
     error: str = ""
+    dropped_at: str = ""  # the stage (e.g. "round-2") where a lost or failed tenant left
+    budget: TenantBudget | None = None  # the cost check before training, when budget_usd is set
 
 
 class TenantJobState(msgspec.Struct, frozen=True, kw_only=True):
@@ -190,9 +208,112 @@ class TenantJobState(msgspec.Struct, frozen=True, kw_only=True):
     created: datetime = msgspec.field(default_factory=utc_now)
     updated: datetime = msgspec.field(default_factory=utc_now)
     similarity: dict[str, dict[str, float]] = {}
+    signatures: dict[str, TenantSignature] = {}  # aggregates only (what crossed the bus)
     results: dict[str, TenantResult] = {}
     report_paths: dict[str, str] = {}
     error: str = ""
+    attempt: int = 1  # 2+ after a daemon restart took the job up again
+
+
+# --- events (stratos.evt.tenant.{job_id}.{event}, stream STRATOS_EVENTS) --------------------
+
+
+class TenantStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One tenant's live state, as every tenant event shows it."""
+
+    state: Literal["ok", "lost", "failed"] = "ok"
+    agent: str = ""
+    student: str = ""
+    rounds_done: int = 0
+    accuracy_alone: float | None = None
+    accuracy_aggregated: float | None = None
+    bytes_sent: int = 0  # to and from its agent, so far
+    raw_bytes: int = 0  # its data file (never sent)
+
+
+class TenantJobSubmitted(Message, frozen=True, kw_only=True, tag="tenant_job_submitted"):
+    """A tenants job was accepted and stored."""
+
+    job_id: str
+    name: str
+    tenants: list[str]
+    rounds: int
+    rule: str
+
+
+class TenantStageStarted(Message, frozen=True, kw_only=True, tag="tenant_stage_started"):
+    """A stage of a tenants job began (agents, signature, select, budget, evaluate, report)."""
+
+    job_id: str
+    stage: str
+    tenants: dict[str, TenantStatus] = {}
+
+
+class TenantRoundStarted(Message, frozen=True, kw_only=True, tag="tenant_round_started"):
+    """An aggregation round began for the tenants still in the job."""
+
+    job_id: str
+    round: int
+    rounds: int
+    tenants: dict[str, TenantStatus] = {}
+
+
+class TenantRoundCompleted(Message, frozen=True, kw_only=True, tag="tenant_round_completed"):
+    """A round's mixes were applied; weights are each tenant's row over who was left."""
+
+    job_id: str
+    round: int
+    rounds: int
+    tenants: dict[str, TenantStatus] = {}
+    weights: dict[str, dict[str, float]] = {}
+    duration_s: float = 0.0
+
+
+class TenantDropped(Message, frozen=True, kw_only=True, tag="tenant_dropped"):
+    """A tenant left the job (its agent was lost, a step failed, or over budget); the others
+    go on, re-weighted over `remaining`."""
+
+    job_id: str
+    tenant: str
+    agent: str = ""
+    state: Literal["lost", "failed"] = "failed"
+    stage: str = ""
+    reason: str = ""
+    remaining: list[str] = []
+
+
+class TenantJobResumed(Message, frozen=True, kw_only=True, tag="tenant_job_resumed"):
+    """A restarted daemon took the job up again at `stage`."""
+
+    job_id: str
+    stage: str
+    tenants: dict[str, TenantStatus] = {}
+
+
+class TenantJobCompleted(Message, frozen=True, kw_only=True, tag="tenant_job_completed"):
+    """The job finished; dropped tenants are listed, the others have their accuracies."""
+
+    job_id: str
+    tenants: dict[str, TenantStatus] = {}
+    dropped: list[str] = []
+    report_paths: dict[str, str] = {}
+
+
+class TenantJobFailed(Message, frozen=True, kw_only=True, tag="tenant_job_failed"):
+    """The job stopped: which stage, why, what to do."""
+
+    job_id: str
+    stage: str
+    message: str
+    hint: str = ""
+    tenants: dict[str, TenantStatus] = {}
+
+
+TenantEvent = (TenantJobSubmitted | TenantStageStarted | TenantRoundStarted
+               | TenantRoundCompleted | TenantDropped | TenantJobResumed | TenantJobCompleted
+               | TenantJobFailed)
+TENANT_EVENT_DECODER = msgspec.json.Decoder(TenantEvent)
+TENANT_TERMINAL = (TenantJobCompleted, TenantJobFailed)
 
 
 # --- commands and replies (stratos.cmd.daemon.tenants) ------------------------------------

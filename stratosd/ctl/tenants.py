@@ -1,10 +1,15 @@
-"""`stratosctl tenants submit FILE | status [ID] | report ID`: per-tenant customisation jobs."""
+"""`stratosctl tenants submit FILE | status [ID] | watch ID | report ID`: per-tenant jobs.
+
+Tenants jobs are listed here, not in `stratosctl jobs/status/watch` (those follow pipeline runs
+in KV `stratos_runs`; tenants jobs live in KV `stratos_tenants` and publish their events on
+`stratos.evt.tenant.{job_id}.>`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +19,27 @@ from schemas import subjects
 from schemas.base import Message, decode_or_error, encode
 from schemas.errors import ErrorReply
 from schemas.tenants import (
+    TENANT_EVENT_DECODER,
     TENANT_REPLY_DECODER,
+    TENANT_TERMINAL,
     GetTenantJob,
     ListTenantJobs,
     SubmitTenantJob,
+    TenantDropped,
     TenantJob,
+    TenantJobCompleted,
+    TenantJobFailed,
     TenantJobList,
+    TenantJobResumed,
     TenantJobState,
+    TenantJobSubmitted,
+    TenantRoundCompleted,
+    TenantRoundStarted,
+    TenantStageStarted,
+    TenantStatus,
 )
 from stratosd.ctl.common import add_common, dump_json, open_bus, run_async, table
-from stratosd.errors import BusUnavailable, ConfigError, RemoteError
+from stratosd.errors import BusUnavailable, ConfigError, RemoteError, StratosError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -41,6 +57,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     st.add_argument("id", nargs="?", help="job id (default: list jobs)")
     add_common(st)
     st.set_defaults(func=main_status)
+    w = tsub.add_parser("watch", help="follow a job's per-tenant state live",
+                        description="Replay a tenants job's events from JetStream, then follow "
+                        "them until it completes (exit 0) or fails (exit 1). Each round and "
+                        "the end print every tenant: state, student, round, accuracy alone "
+                        "vs aggregated, bytes sent.")
+    w.add_argument("id", help="job id")
+    w.add_argument("--timeout", type=float, default=0, help="give up after N seconds (0: never)")
+    add_common(w)
+    w.set_defaults(func=main_watch)
     r = tsub.add_parser("report", help="a finished job's per-tenant report")
     r.add_argument("id", help="job id")
     add_common(r)
@@ -96,19 +121,114 @@ def main_submit(args: argparse.Namespace) -> int:
     return run_async(go)
 
 
+def _acc(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def status_rows(statuses: Mapping[str, TenantStatus], rounds: int) -> str:
+    """The per-tenant table of an event or a job."""
+    rows = [[name, s.state, s.agent or "-", s.student or "-", f"{s.rounds_done}/{rounds}",
+             _acc(s.accuracy_alone), _acc(s.accuracy_aggregated), s.bytes_sent, s.raw_bytes]
+            for name, s in sorted(statuses.items())]
+    return table(rows, ["tenant", "state", "agent", "student", "round", "acc alone",
+                        "acc agg", "bytes sent", "raw bytes"])
+
+
 def print_job(job: TenantJobState) -> None:
-    """A job's per-tenant table."""
+    """A job's per-tenant table, then why any tenant left and each budget check."""
     print(f"{job.job_id}  {job.name}  {job.state}  stage {job.stage}"
+          + (f"  (attempt {job.attempt})" if job.attempt > 1 else "")
           + (f"\nerror: {job.error}" if job.error else ""))
-    rows = []
+    statuses = {n: TenantStatus(
+        state=r.state, agent=r.agent, student=r.student, rounds_done=r.rounds_done,
+        accuracy_alone=r.accuracy_alone, accuracy_aggregated=r.accuracy_aggregated,
+        bytes_sent=r.bytes.to_agent + r.bytes.from_agent, raw_bytes=r.bytes.raw_data)
+        for n, r in job.results.items()}
+    print(status_rows(statuses, job.spec.aggregation.rounds))
     for name, r in sorted(job.results.items()):
-        acc = (f"{r.accuracy_alone:.3f}" if r.accuracy_alone is not None else "-",
-               f"{r.accuracy_aggregated:.3f}" if r.accuracy_aggregated is not None else "-")
-        sent = r.bytes.to_agent + r.bytes.from_agent
-        rows.append([name, r.state, r.agent, r.student or "-", r.rounds_done, *acc, sent,
-                     r.bytes.raw_data])
-    print(table(rows, ["tenant", "state", "agent", "student", "rounds", "acc alone",
-                       "acc agg", "bytes sent", "raw bytes"]))
+        if r.state != "ok":
+            print(f"{name} {r.state} at {r.dropped_at or '-'}: {r.error}")
+        if r.budget is not None:
+            b = r.budget
+            print(f"{name} budget: estimated ${b.estimate_usd:.4g} for {b.student} "
+                  f"(${b.low_usd:.4g}-${b.high_usd:.4g}) vs budget_usd ${b.budget_usd:g}")
+
+
+def event_line(ev: Any) -> str:
+    """One tenant event as a line."""
+    if isinstance(ev, TenantJobSubmitted):
+        return (f"submitted  {ev.name}: {len(ev.tenants)} tenants ({', '.join(ev.tenants)}), "
+                f"{ev.rounds} rounds of {ev.rule}")
+    if isinstance(ev, TenantStageStarted):
+        return f"▶ {ev.stage}"
+    if isinstance(ev, TenantRoundStarted):
+        live = sorted(n for n, s in ev.tenants.items() if s.state == "ok")
+        return f"▶ round {ev.round}/{ev.rounds}: {', '.join(live)}"
+    if isinstance(ev, TenantRoundCompleted):
+        return f"✓ round {ev.round}/{ev.rounds} {ev.duration_s:.1f}s"
+    if isinstance(ev, TenantDropped):
+        return (f"✗ tenant {ev.tenant} {ev.state} at {ev.stage} (agent {ev.agent or '-'}): "
+                f"{ev.reason}; the others go on, re-weighted: {', '.join(ev.remaining) or '-'}")
+    if isinstance(ev, TenantJobResumed):
+        return f"↻ resumed at {ev.stage}"
+    if isinstance(ev, TenantJobCompleted):
+        return "job completed" + (f" without {', '.join(ev.dropped)}" if ev.dropped else "") \
+            + "".join(f"\n{k}: {v}" for k, v in sorted(ev.report_paths.items()))
+    if isinstance(ev, TenantJobFailed):
+        return f"✗ job failed in {ev.stage}: {ev.message}" + \
+            (f"\n  hint: {ev.hint}" if ev.hint else "")
+    return type(ev).__name__
+
+
+def main_watch(args: argparse.Namespace) -> int:
+    """Replay + follow a job's events; 0 when it completes, 1 when it fails."""
+    import asyncio
+
+    from nats.js import api as js_api
+
+    async def go() -> int:
+        job: TenantJobState = (await ask(args, GetTenantJob(job_id=args.id))).job
+        rounds = job.spec.aggregation.rounds
+        bus = await open_bus(args)
+        queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
+
+        async def cb(msg: Any) -> None:
+            await queue.put((msg.data, int(msg.metadata.num_pending or 0)))
+
+        sub = await bus.js.subscribe(subjects.tenant_events(args.id), ordered_consumer=True,
+                                     deliver_policy=js_api.DeliverPolicy.ALL, cb=cb,
+                                     stream=subjects.EVENTS_STREAM)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + args.timeout if args.timeout else None
+        end: Any = None
+        try:
+            while True:
+                timeout = None if deadline is None else max(0.01, deadline - loop.time())
+                try:
+                    data, pending = await asyncio.wait_for(queue.get(), timeout)
+                except TimeoutError:
+                    print("watch: timed out", file=sys.stderr)
+                    return 1
+                try:
+                    ev = decode_or_error(TENANT_EVENT_DECODER, data)
+                except StratosError:
+                    continue  # a newer event type
+                if args.json:
+                    print(msgspec.json.encode(ev).decode(), flush=True)
+                else:
+                    print(event_line(ev), flush=True)
+                    if isinstance(ev, TenantRoundCompleted | TenantJobCompleted):
+                        print(status_rows(ev.tenants, rounds), flush=True)
+                if isinstance(ev, TENANT_TERMINAL):
+                    end = ev
+                elif isinstance(ev, TenantJobResumed):
+                    end = None
+                if end is not None and not pending:
+                    return 0 if isinstance(end, TenantJobCompleted) else 1
+        finally:
+            await sub.unsubscribe()
+            await bus.close()
+    return run_async(go)
 
 
 def main_status(args: argparse.Namespace) -> int:
@@ -125,8 +245,11 @@ def main_status(args: argparse.Namespace) -> int:
         if args.json:
             dump_json(listing)
         else:
-            print(table([[j.job_id, j.name, j.state, j.stage, len(j.spec.tenants)]
-                         for j in listing.jobs], ["job", "name", "state", "stage", "tenants"]))
+            print(table([[j.job_id, j.name, j.state, j.stage,
+                          f"{sum(r.state == 'ok' for r in j.results.values())}"
+                          f"/{len(j.spec.tenants)}"]
+                         for j in listing.jobs], ["job", "name", "state", "stage",
+                                                  "tenants ok"]))
         return 0
     return run_async(go)
 

@@ -1,18 +1,26 @@
-"""A tenants job, stage by stage: signatures → student per tenant → rounds → evaluation → report.
+"""A tenants job, stage by stage: agents → signatures → student per tenant (with its budget) →
+rounds → evaluation → report.
 
 Every piece of work on a tenant's data is a RunStep on that tenant's own agent (the first
 live one in its `agents`); the daemon sees only what `schemas.tenants` declares: signatures,
 candidate points, per-round updates, results. Each command and each artifact that crosses the
 bus for a tenant is counted in its `TenantBytes`. A tenant whose agent is lost (or whose step
-fails) leaves the job: the others' rounds go on, re-weighted over who is left.
+fails, or whose budget no candidate fits) leaves the job with a `tenant_dropped` event: the
+others' rounds go on, re-weighted over who is left.
+
+The job's state is written to KV at every stage; step job ids are derived from (job, tenant,
+step, round, track), so a restarted daemon takes the job up again at its stage (`resume`) and
+every step sent before the restart is answered by the agent's own record of it, never run
+twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,83 +28,33 @@ import msgspec
 import numpy as np
 import structlog
 
-from schemas.base import encode, new_id, utc_now
+from schemas import subjects
+from schemas.base import Message, encode, utc_now
 from schemas.commands import RunStep
 from schemas.subjects import artifact_key
 from schemas.tenants import (
     CandidatePoint,
-    StudentPick,
-    TenantBytes,
+    TenantDropped,
     TenantJob,
+    TenantJobCompleted,
+    TenantJobFailed,
+    TenantJobResumed,
     TenantJobState,
-    TenantResult,
+    TenantRoundCompleted,
+    TenantRoundStarted,
     TenantSignature,
-    TenantSpec,
+    TenantStageStarted,
 )
 from stratosd.api import Aggregator
+from stratosd.costmodel.learn import EfficiencyBook
 from stratosd.errors import AgentUnavailable, ConfigError, StratosError
 from stratosd.plugins import lookup
-from stratosd.tenants import selection, similarity
+from stratosd.tenants import budget, selection, similarity
+from stratosd.tenants.tenant import TRACK_AGG, TRACK_ALONE, Steps, Tenant
 
 log = structlog.stdlib.get_logger(__name__)
-TRACK_AGG, TRACK_ALONE = "agg", "alone"
-STEP_TIMEOUT_S = 1800.0
-
-
-class Steps:
-    """What the orchestrator needs from the daemon: run a step on an agent, move artifacts."""
-
-    def __init__(self, bus: Any, dispatch: Any, fleet: Any) -> None:
-        self.bus, self.dispatch, self.fleet = bus, dispatch, fleet
-
-    def is_up(self, agent_id: str) -> bool:
-        """True while the agent sends heartbeats."""
-        return bool(self.fleet.is_up(agent_id))
-
-    async def run(self, agent_id: str, step: RunStep) -> tuple[dict[str, Any], dict[str, str]]:
-        """Send the step, wait for it; (result, artifacts) or the job's StratosError."""
-        await self.dispatch.send(agent_id, step)
-        outcome = await self.dispatch.wait(step.job_id, timeout=STEP_TIMEOUT_S)
-        self.dispatch.raise_for(step.job_id, outcome)
-        return dict(outcome.result), dict(outcome.artifacts)
-
-
-@dataclass
-class Tenant:
-    """A tenant while its job runs."""
-
-    spec: TenantSpec
-    agent: str = ""
-    student: str = ""
-    pick: StudentPick | None = None
-    signature: TenantSignature | None = None
-    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("to_agent", "from_agent", "signature", "updates", "mixes"), 0))
-    state: str = "ok"
-    error: str = ""
-    rounds_done: int = 0
-    weights: dict[str, float] = field(default_factory=dict)
-    group: str = ""
-    accuracy: dict[str, float] = field(default_factory=dict)
-    n_test: int = 0
-    adapter: str = ""
-    update: dict[str, Any] = field(default_factory=dict)  # this round's tenant_train result
-
-    @property
-    def alive(self) -> bool:
-        """Still in the job."""
-        return self.state == "ok"
-
-    def result(self) -> TenantResult:
-        """Its section of the report."""
-        raw = self.signature.raw_bytes if self.signature else 0
-        return TenantResult(
-            tenant=self.spec.name, agent=self.agent, student=self.student, adapter=self.adapter,
-            pick=self.pick, accuracy_alone=self.accuracy.get(TRACK_ALONE),
-            accuracy_aggregated=self.accuracy.get(TRACK_AGG), n_test=self.n_test,
-            weights={k: round(v, 4) for k, v in self.weights.items()}, group=self.group,
-            rounds_done=self.rounds_done, bytes=TenantBytes(raw_data=raw, **self.bytes),
-            state=self.state, error=self.error)  # type: ignore[arg-type]
+AGENT_WAIT_S = 30.0  # a resumed job waits this long for its tenants' agents to be heard again
+__all__ = ["TRACK_AGG", "TRACK_ALONE", "Steps", "Tenant", "TenantRun"]
 
 
 class TenantRun:
@@ -111,6 +69,19 @@ class TenantRun:
         self.state = TenantJobState(job_id=job_id, name=spec.name, state="queued", spec=spec)
         self.similarity: dict[str, dict[str, float]] = {}
 
+    @classmethod
+    def restore(cls, state: TenantJobState, steps: Steps, plugins: Any,
+                save: Callable[[TenantJobState], Awaitable[None]], home: Path) -> TenantRun:
+        """The job as its stored state left it, to be resumed (`run(resume=True)`)."""
+        run = cls(state.job_id, state.spec, steps, plugins, save, home)
+        run.state = msgspec.structs.replace(state, attempt=state.attempt + 1)
+        run.similarity = dict(state.similarity)
+        for spec in state.spec.tenants:
+            r = state.results.get(spec.name)
+            if r is not None:
+                run.tenants[spec.name] = Tenant.restore(spec, r, state.signatures.get(spec.name))
+        return run
+
     # --- plumbing ------------------------------------------------------------------------
 
     def _base_args(self, t: Tenant) -> dict[str, Any]:
@@ -119,79 +90,145 @@ class TenantRun:
                 "question_field": s.question_field, "answer_field": s.answer_field,
                 "split_seed": self.spec.seed}
 
+    def _step_id(self, t: Tenant, step: str, args: Mapping[str, Any]) -> str:
+        key = f"{t.spec.name}/{step}/{args.get('round', 0)}/{args.get('track', '')}"
+        return f"{self.job_id}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"  # noqa: S324
+
     async def _step(self, t: Tenant, step: str, args: dict[str, Any],
                     inputs: Mapping[str, tuple[str, int]] | None = None) -> dict[str, Any]:
-        """Run a step on the tenant's agent; count what crossed; a failure drops the tenant."""
-        cmd = RunStep(job_id=new_id(), run_id=self.job_id, step=step, args=args,  # type: ignore[arg-type]
+        """Run a step on the tenant's agent and count what crossed (a failure raises)."""
+        cmd = RunStep(job_id=self._step_id(t, step, args), run_id=self.job_id,
+                      step=step, args=args,  # type: ignore[arg-type]
                       inputs={k: v[0] for k, v in (inputs or {}).items()}, source="stratosd")
         t.bytes["to_agent"] += len(encode(cmd)) + sum(v[1] for v in (inputs or {}).values())
-        try:
-            if not self.steps.is_up(t.agent):
-                raise AgentUnavailable(f"agent {t.agent} of tenant {t.spec.name} is down",
-                                       hint="start the agent that holds the tenant's data")
-            result, artifacts = await self.steps.run(t.agent, cmd)
-        except StratosError as exc:
-            t.state = "lost" if isinstance(exc, AgentUnavailable) else "failed"
-            t.error = f"{step}: {exc.message}"
-            log.warning("tenant_dropped", job_id=self.job_id, tenant=t.spec.name,
-                        agent_id=t.agent, step=step, error=exc.message)
-            raise
+        t.last_step = step
+        if not self.steps.is_up(t.agent):
+            raise AgentUnavailable(f"agent {t.agent} of tenant {t.spec.name} is down",
+                                   hint="start the agent that holds the tenant's data")
+        result, artifacts = await self.steps.run(t.agent, cmd)
         t.bytes["from_agent"] += len(encode(result))
         result["_artifacts"] = artifacts
         return result
 
+    async def _emit(self, name: str, event: Message) -> None:
+        await self.steps.publish(subjects.tenant_event(self.job_id, name), event)
+
+    def _statuses(self) -> dict[str, Any]:
+        return {n: t.status() for n, t in self.tenants.items()}
+
+    async def _drop(self, t: Tenant, exc: BaseException) -> None:
+        """The tenant leaves the job; the event says why and who is left."""
+        lost = isinstance(exc, AgentUnavailable)
+        reason = exc.message if isinstance(exc, StratosError) else f"{type(exc).__name__}: {exc}"
+        t.state, t.dropped_at = ("lost" if lost else "failed"), self.state.stage
+        t.error = f"{t.last_step}: {reason}" if t.last_step else reason
+        left = sorted(n for n, o in self.tenants.items() if o.alive)
+        if isinstance(exc, StratosError):
+            log.warning("tenant_dropped", tenant=t.spec.name, agent_id=t.agent,
+                        stage=t.dropped_at, step=t.last_step, error=reason, remaining=left)
+        else:
+            log.error("tenant_failed", tenant=t.spec.name, exc_info=exc)
+        await self._emit("dropped", TenantDropped(
+            job_id=self.job_id, tenant=t.spec.name, agent=t.agent, state=t.state,  # type: ignore[arg-type]
+            stage=t.dropped_at, reason=t.error, remaining=left, source="stratosd"))
+        await self._save()
+
     async def _each(self, fn: Callable[[Tenant], Awaitable[None]]) -> None:
-        """fn for every live tenant at once; a tenant's failure stays its own."""
+        """fn for every live tenant at once; a tenant's failure drops only that tenant."""
         live = [t for t in self.tenants.values() if t.alive]
         results = await asyncio.gather(*(fn(t) for t in live), return_exceptions=True)
         for t, res in zip(live, results, strict=True):
-            if isinstance(res, BaseException) and not isinstance(res, StratosError):
-                t.state, t.error = "failed", f"{type(res).__name__}: {res}"
-                log.error("tenant_failed", job_id=self.job_id, tenant=t.spec.name,
-                          exc_info=res)
+            if isinstance(res, asyncio.CancelledError):
+                raise res
+            if isinstance(res, BaseException) and t.alive:
+                await self._drop(t, res)
 
-    async def _stage(self, stage: str, **changes: Any) -> None:
+    async def _save(self, **changes: Any) -> None:
         self.state = msgspec.structs.replace(
-            self.state, stage=stage, updated=utc_now(), similarity=self.similarity,
+            self.state, updated=utc_now(), similarity=self.similarity,
+            signatures={n: t.signature for n, t in self.tenants.items() if t.signature},
             results={n: t.result() for n, t in self.tenants.items()}, **changes)
         await self.save(self.state)
 
+    async def _stage(self, stage: str, **changes: Any) -> None:
+        await self._save(stage=stage, **changes)
+        if not stage.startswith("round-") and "state" not in changes:
+            await self._emit("stage_started", TenantStageStarted(
+                job_id=self.job_id, stage=stage, tenants=self._statuses(), source="stratosd"))
+
     # --- the job -------------------------------------------------------------------------
 
-    async def run(self) -> TenantJobState:
-        """Every stage; the final state (failed with the reason when nothing is left)."""
+    def stages(self) -> list[str]:
+        """Every stage in order (a resumed job starts at its stored one)."""
+        rounds = [f"round-{r}" for r in range(1, self.spec.aggregation.rounds + 1)]
+        return ["agents", "signature", "select", *rounds, "evaluate"]
+
+    async def run(self, resume: bool = False) -> TenantJobState:
+        """Every stage from the first (or, resuming, from the stored one); the final state
+        (failed with the reason when no tenant is left)."""
+        order = self.stages()
+        start = order.index(self.state.stage) if resume and self.state.stage in order else 0
         with structlog.contextvars.bound_contextvars(job_id=self.job_id):
             try:
-                await self._stage("agents", state="running")
-                for t in self.tenants.values():
-                    t.agent = next((a for a in t.spec.agents if self.steps.is_up(a)), "")
-                    if not t.agent:
-                        t.state, t.error = "lost", f"none of {t.spec.agents} is up"
-                await self._stage("signature")
-                await self._each(self._signature)
-                sigs = [t.signature for t in self.tenants.values() if t.signature]
-                self.similarity = similarity.similarity_matrix(sigs)
-                await self._stage("select")
-                await self._each(self._select)
-                for r in range(1, self.spec.aggregation.rounds + 1):
-                    await self._stage(f"round-{r}")
-                    await self._round(r)
-                await self._stage("evaluate")
-                await self._each(self._evaluate)
+                if resume:
+                    await self._resumed(order[start])
+                else:
+                    await self._save(state="running")
+                for stage in order[start:]:
+                    await self._run_stage(stage)
                 self._check_someone_left()
                 from stratosd.tenants.report import write_report
 
                 paths = write_report(self.home / "tenants" / self.job_id, self._final())
                 await self._stage("report", state="completed", report_paths=paths)
+                await self._emit("completed", TenantJobCompleted(
+                    job_id=self.job_id, tenants=self._statuses(), report_paths=paths,
+                    dropped=sorted(n for n, t in self.tenants.items() if not t.alive),
+                    source="stratosd"))
             except StratosError as exc:
                 log.warning("tenant_job_failed", error=exc.message)
-                await self._stage(self.state.stage, state="failed",
-                                  error=f"{exc.message} (hint: {exc.hint})")
+                await self._failed(exc.message, exc.hint)
             except Exception as exc:  # noqa: BLE001 - job boundary
                 log.error("tenant_job_crashed", exc_info=True)
-                await self._stage(self.state.stage, state="failed",
-                                  error=f"{type(exc).__name__}: {exc}")
+                await self._failed(f"{type(exc).__name__}: {exc}", "report this as a bug")
         return self.state
+
+    async def _failed(self, message: str, hint: str) -> None:
+        await self._save(state="failed", error=f"{message} (hint: {hint})")
+        await self._emit("failed", TenantJobFailed(
+            job_id=self.job_id, stage=self.state.stage, message=message, hint=hint,
+            tenants=self._statuses(), source="stratosd"))
+
+    async def _resumed(self, stage: str) -> None:
+        """Wait for the live tenants' agents to be heard again, then say where it resumes."""
+        log.info("tenant_job_resumed", stage=stage, attempt=self.state.attempt)
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while time.monotonic() < deadline and not all(
+                self.steps.is_up(t.agent) for t in self.tenants.values() if t.alive and t.agent):
+            await asyncio.sleep(0.5)
+        await self._save(state="running")
+        await self._emit("resumed", TenantJobResumed(job_id=self.job_id, stage=stage,
+                                                     tenants=self._statuses(),
+                                                     source="stratosd"))
+
+    async def _run_stage(self, stage: str) -> None:
+        if stage.startswith("round-"):
+            await self._round(int(stage.removeprefix("round-")))
+            return
+        await self._stage(stage)
+        if stage == "agents":
+            for t in self.tenants.values():
+                t.agent = next((a for a in t.spec.agents if self.steps.is_up(a)), "")
+                if t.alive and not t.agent:
+                    await self._drop(t, AgentUnavailable(f"none of {t.spec.agents} is up"))
+        elif stage == "signature":
+            await self._each(self._signature)
+            sigs = [t.signature for t in self.tenants.values() if t.signature and t.alive]
+            self.similarity = similarity.similarity_matrix(sigs)
+        elif stage == "select":
+            await self._each(self._select)
+        elif stage == "evaluate":
+            await self._each(self._evaluate)
 
     def _check_someone_left(self) -> None:
         if not any(t.alive for t in self.tenants.values()):
@@ -209,6 +246,8 @@ class TenantRun:
         t.bytes["signature"] = len(encode(res["signature"]))
 
     async def _select(self, t: Tenant) -> None:
+        if t.pick is not None:  # resumed after it was chosen
+            return
         st, agg = self.spec.students, self.spec.aggregation
         args = {**self._base_args(t), "candidates": st.candidates, "measure": st.measure,
                 "probe_size": st.probe_size, "fit_steps": st.fit_steps, "lora_r": agg.lora_r,
@@ -221,13 +260,36 @@ class TenantRun:
         measured = [p for p in points if not p.predicted]
         points = [p if not p.predicted else selection.predict(measured, p.model, p.params)
                   for p in points]
+        verdicts = self._budget(t, points)
+        over = {m: budget.why_over(b) for m, b in verdicts.items() if not b.fits}
         t.pick = selection.choose(t.spec.name, points, t.spec.limits, st.weights, st.rule,
-                                  self.spec.seed)
+                                  self.spec.seed, over_budget=over)
         t.student = t.pick.chosen
+        t.budget = verdicts.get(t.student)
+
+    def _budget(self, t: Tenant, points: list[CandidatePoint]) -> dict[str, Any]:
+        """budget_usd against the core cost model, per candidate (none when no budget)."""
+        limit = t.spec.limits.budget_usd
+        if limit is None:
+            return {}
+        costs = self.steps.costs
+        book = costs.book if costs is not None else EfficiencyBook()
+        verdicts = budget.check(self.spec, limit, {p.model: p.params for p in points},
+                                t.signature, self.steps.offer(t.agent), book,
+                                rounds_left=self.spec.aggregation.rounds)
+        for v in verdicts.values():
+            log.info("tenant_budget_checked", tenant=t.spec.name, student=v.student,
+                     estimate_usd=v.estimate_usd, budget_usd=v.budget_usd, fits=v.fits)
+        return verdicts
 
     async def _round(self, r: int) -> None:
         agg = self.spec.aggregation
         sends = self.aggregator.sends
+        t0 = time.monotonic()
+        await self._stage(f"round-{r}")
+        await self._emit("round_started", TenantRoundStarted(
+            job_id=self.job_id, round=r, rounds=agg.rounds, tenants=self._statuses(),
+            source="stratosd"))
 
         async def train(t: Tenant) -> None:
             common = {**self._base_args(t), "model": t.student, "round": r,
@@ -250,6 +312,11 @@ class TenantRun:
         for t in self.tenants.values():
             if t.alive:
                 t.rounds_done = r
+        await self._save()
+        await self._emit("round_completed", TenantRoundCompleted(
+            job_id=self.job_id, round=r, rounds=agg.rounds, tenants=self._statuses(),
+            weights={n: dict(t.weights) for n, t in self.tenants.items() if t.alive},
+            duration_s=round(time.monotonic() - t0, 3), source="stratosd"))
 
     async def _load_update(self, t: Tenant, tmp: Path) -> dict[str, Any]:
         res = t.update

@@ -43,8 +43,17 @@ def render_markdown(job: TenantJobState) -> str:
                   f"- bytes on the bus: {sent} ({b.to_agent} to its agent, {b.from_agent} back; "
                   f"signature {b.signature}, updates {b.updates}, mixes {b.mixes}); raw data "
                   f"{b.raw_data} bytes never sent {('— ' + ratio) if ratio else ''}"]
-        if r.error:
+        if r.state != "ok":
+            left = sorted(n for n, o in job.results.items() if o.state == "ok")
+            lines.append(f"- **{r.state}** at {r.dropped_at or '-'}: {r.error}; from then on "
+                         f"the others were aggregated without it ({', '.join(left) or 'none'})")
+        elif r.error:
             lines.append(f"- error: {r.error}")
+        if r.budget is not None:
+            bu = r.budget
+            lines.append(f"- budget: estimated ${bu.estimate_usd:.4g} (${bu.low_usd:.4g}-"
+                         f"${bu.high_usd:.4g}; probe ${bu.probe_usd:.4g}) for {bu.student} vs "
+                         f"budget_usd ${bu.budget_usd:g} — {bu.basis}")
         if r.pick is not None:
             p = r.pick
             lines += [f"- pick ({p.rule}): **{p.chosen}**; {p.formula}",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -53,10 +53,14 @@ def predict(measured: Sequence[CandidatePoint], model: str, params: int) -> Cand
                           predicted=True)
 
 
-def apply_limits(point: CandidatePoint, limits: TenantLimits) -> CandidatePoint:
-    """The point marked fits=False with the first limit it breaks."""
+def apply_limits(point: CandidatePoint, limits: TenantLimits,
+                 over_budget: Mapping[str, str] | None = None) -> CandidatePoint:
+    """The point marked fits=False with the first limit it breaks (over_budget: model →
+    the budget refusal in numbers, from stratosd.tenants.budget)."""
     why = ""
-    if limits.max_params is not None and point.params > limits.max_params:
+    if over_budget and point.model in over_budget:
+        why = f"budget: {over_budget[point.model]}"
+    elif limits.max_params is not None and point.params > limits.max_params:
         why = f"params {point.params} > max_params {limits.max_params}"
     elif limits.max_memory_mib is not None and point.memory_mib > limits.max_memory_mib:
         why = f"memory {point.memory_mib:.1f} MiB > max_memory_mib {limits.max_memory_mib}"
@@ -98,15 +102,17 @@ def tradeoff_scores(points: Sequence[CandidatePoint], w: TradeoffWeights) -> dic
 
 
 def choose(tenant: str, points: Sequence[CandidatePoint], limits: TenantLimits,
-           weights: TradeoffWeights, rule: str = "pareto", seed: int = 0) -> StudentPick:
+           weights: TradeoffWeights, rule: str = "pareto", seed: int = 0,
+           over_budget: Mapping[str, str] | None = None) -> StudentPick:
     """The tenant's student by rule, with every baseline and score; Infeasible if none fits."""
-    limited = [apply_limits(p, limits) for p in points]
+    limited = [apply_limits(p, limits, over_budget) for p in points]
     fitting = [p for p in limited if p.fits]
     if not fitting:
         closest = min(limited, key=lambda p: p.params)
         raise Infeasible(f"tenant {tenant}: no student candidate fits its limits "
                          f"(closest: {closest.model}, {closest.why_not})",
-                         hint="raise the tenant's limits or add a smaller candidate",
+                         hint="raise the tenant's limits (budget_usd, max_params, ...) or add "
+                         "a smaller candidate",
                          field=f"tenants.{tenant}.limits")
     scores = tradeoff_scores(fitting, weights)
     front = pareto_front(fitting)

@@ -21,6 +21,7 @@ from schemas.tenants import (
     TenantJobList,
     TenantJobReply,
     TenantJobState,
+    TenantJobSubmitted,
 )
 from stratosd.errors import ConfigError, NotFound, Unsupported
 from stratosd.plugins import lookup
@@ -57,9 +58,29 @@ class TenantService:
         self.tasks: dict[str, asyncio.Task[Any]] = {}
 
     async def start(self) -> None:
-        """Create (or bind) the KV bucket."""
+        """Create (or bind) the KV bucket; take up again the jobs a stopped daemon left
+        running (each at its stored stage)."""
         self.kv = await self.d.bus.js.create_key_value(
             bucket=subjects.TENANTS_BUCKET, history=5, storage=js_api.StorageType.FILE)
+        for state in await self.list(limit=1000):
+            if state.state in ("queued", "running") and state.job_id not in self.tasks:
+                self._start(self._restore(state), resume=True)
+
+    def _steps(self) -> Any:
+        from stratosd.tenants.orchestrator import Steps
+
+        return Steps(self.d.bus, self.d.dispatch, self.d.fleet, getattr(self.d, "costs", None))
+
+    def _restore(self, state: TenantJobState) -> Any:
+        from stratosd.tenants.orchestrator import TenantRun
+
+        return TenantRun.restore(state, self._steps(), self.d.plugins, self.save,
+                                 self.d.config.home_path)
+
+    def _start(self, run: Any, resume: bool = False) -> None:
+        task = asyncio.create_task(run.run(resume=resume), name=f"tenants-{run.job_id}")
+        self.tasks[run.job_id] = task
+        task.add_done_callback(lambda _t: self.tasks.pop(run.job_id, None))
 
     async def stop(self) -> None:
         """Cancel running jobs (their last state stays in KV)."""
@@ -97,7 +118,7 @@ class TenantService:
 
     async def submit(self, spec: TenantJob, job_id: str | None) -> TenantJobState:
         """Start a job (the same job_id again returns its state)."""
-        from stratosd.tenants.orchestrator import Steps, TenantRun
+        from stratosd.tenants.orchestrator import TenantRun
 
         validate_tenant_job(spec, self.d.plugins)
         if job_id is not None:
@@ -105,13 +126,14 @@ class TenantService:
                 return await self.get(job_id)
             except NotFound:
                 pass
-        run = TenantRun(job_id or new_id(), spec, Steps(self.d.bus, self.d.dispatch,
-                                                        self.d.fleet),
-                        self.d.plugins, self.save, self.d.config.home_path)
+        steps = self._steps()
+        run = TenantRun(job_id or new_id(), spec, steps, self.d.plugins, self.save,
+                        self.d.config.home_path)
         await self.save(run.state)
-        task = asyncio.create_task(run.run(), name=f"tenants-{run.job_id}")
-        self.tasks[run.job_id] = task
-        task.add_done_callback(lambda _t: self.tasks.pop(run.job_id, None))
+        await steps.publish(subjects.tenant_event(run.job_id, "submitted"), TenantJobSubmitted(
+            job_id=run.job_id, name=spec.name, tenants=[t.name for t in spec.tenants],
+            rounds=spec.aggregation.rounds, rule=spec.aggregation.rule, source="stratosd"))
+        self._start(run)
         log.info("tenant_job_submitted", job_id=run.job_id, tenants=len(spec.tenants))
         return run.state
 

@@ -27,8 +27,8 @@ def test_product_average_is_the_weighted_sum_of_products() -> None:
         np.testing.assert_allclose(mixed[i]["m"], expected)
     np.testing.assert_allclose(mixed["c"]["m"], 2.0 * u["c"]["m.lora_B"] @ u["c"]["m.lora_A"])
     # the product of averaged factors is not the averaged product
-    avg_b = sum(w["a"][j] * u[j]["m.lora_B"] for j in u)
-    avg_a = sum(w["a"][j] * u[j]["m.lora_A"] for j in u)
+    avg_b = np.sum([w["a"][j] * u[j]["m.lora_B"] for j in u], axis=0)
+    avg_a = np.sum([w["a"][j] * u[j]["m.lora_A"] for j in u], axis=0)
     assert not np.allclose(2.0 * avg_b @ avg_a, mixed["a"]["m"])
 
 

@@ -15,45 +15,18 @@ import pytest
 
 from bench.tenant_data import DESIGN, write_tenant_file
 from schemas import subjects
-from schemas.base import encode
 from schemas.tenants import (
-    TENANT_REPLY_DECODER,
-    AggregationSpec,
-    GetTenantJob,
-    StudentChoice,
     SubmitTenantJob,
-    TenantJob,
-    TenantJobState,
-    TenantSpec,
+    TenantJobCompleted,
+    TenantJobSubmitted,
+    TenantRoundCompleted,
+    TenantRoundStarted,
+    TenantStageStarted,
 )
 from tests.conftest import start_agent
+from tests.tenants.helpers import Events, ask, ctl, small_job, wait_done
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-async def _ask(nc: Any, msg: Any) -> Any:
-    raw = await nc.request(subjects.daemon_cmd("tenants"), encode(msg), timeout=10)
-    return TENANT_REPLY_DECODER.decode(raw.data)
-
-
-async def _wait_done(nc: Any, job_id: str, timeout: float = 150) -> TenantJobState:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        job = (await _ask(nc, GetTenantJob(job_id=job_id))).job
-        if job.state in ("completed", "failed"):
-            return job
-        assert asyncio.get_running_loop().time() < deadline, f"stuck at {job.stage}"
-        await asyncio.sleep(0.5)
-
-
-def _job(files: dict[str, Path], rule: str = "lora-product-average") -> TenantJob:
-    return TenantJob(
-        name="e2e",
-        tenants=[TenantSpec(name=n, agents=[f"host-{n}"], data_path=str(p), test_fraction=0.2)
-                 for n, p in files.items()],
-        students=StudentChoice(candidates=["config:tiny"], fit_steps=0, probe_size=4),
-        aggregation=AggregationSpec(rule=rule, rounds=1, local_steps=3, lora_r=4, keep_ranks=2),
-        eval_limit=4)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 async def test_two_tenants_on_two_agents_data_never_leaves(nats_url: str, tmp_path: Path,
@@ -70,10 +43,11 @@ async def test_two_tenants_on_two_agents_data_never_leaves(nats_url: str, tmp_pa
     await spy.subscribe(">", cb=capture)
     agents = [await start_agent(nats_url, tmp_path, f"host-{n}") for n in files]
     try:
-        job = _job(files)
-        reply = await _ask(spy, SubmitTenantJob(spec=job, job_id="job-e2e"))
+        job = small_job(files)
+        reply = await ask(spy, SubmitTenantJob(spec=job, job_id="job-e2e"))
         assert reply.job.job_id == "job-e2e"
-        done = await _wait_done(spy, "job-e2e")
+        events = await Events().start(spy, "job-e2e")
+        done = await wait_done(spy, "job-e2e")
         assert done.state == "completed", done.error
         for name, r in done.results.items():
             assert r.state == "ok", r.error
@@ -85,6 +59,28 @@ async def test_two_tenants_on_two_agents_data_never_leaves(nats_url: str, tmp_pa
             assert r.rounds_done == 1
             assert abs(sum(r.weights.values()) - 1) < 1e-6
         assert done.similarity["t1"]["t1"] == 1.0
+        # events: the job's story on stratos.evt.tenant.job-e2e.>, per-tenant state in each
+        end = await events.wait_for(TenantJobCompleted)
+        await events.stop()
+        kinds = [type(e) for e in events.seen]
+        assert kinds[0] is TenantJobSubmitted and kinds[-1] is TenantJobCompleted
+        assert [e.stage for e in events.seen if isinstance(e, TenantStageStarted)] == [
+            "agents", "signature", "select", "evaluate"]
+        assert TenantRoundStarted in kinds
+        rc = next(e for e in events.seen if isinstance(e, TenantRoundCompleted))
+        assert rc.round == 1 and set(rc.weights) == {"t1", "t4"}
+        assert all(s.rounds_done == 1 and s.student == "config:tiny" and s.bytes_sent > 0
+                   for s in rc.tenants.values())
+        assert end.dropped == [] and end.tenants["t1"].accuracy_aggregated is not None
+        # stratosctl: the per-tenant table and the replayed watch, as real processes
+        st = await asyncio.to_thread(ctl, nats_url, "tenants", "status", "job-e2e")
+        assert st.returncode == 0, st.stderr
+        assert "acc alone" in st.stdout and "host-t4" in st.stdout and "1/1" in st.stdout
+        w = await asyncio.to_thread(ctl, nats_url, "tenants", "watch", "job-e2e",
+                                    "--timeout", "30")
+        assert w.returncode == 0, w.stderr
+        assert "round 1/1" in w.stdout and "job completed" in w.stdout
+        assert "bytes sent" in w.stdout
         assert Path(done.report_paths["markdown"]).read_text().count("## Tenant") == 2
         await spy.flush()
         # the bus: nothing any process published carries a tenant's rows

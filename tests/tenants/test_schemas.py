@@ -11,8 +11,10 @@ import pytest
 
 from schemas.tenants import (
     TENANT_COMMAND_DECODER,
+    TENANT_EVENT_DECODER,
     TENANT_REPLY_DECODER,
     TenantCommand,
+    TenantEvent,
     TenantReply,
 )
 from stratosd.ctl.tenants import parse_tenant_toml
@@ -23,14 +25,21 @@ TS = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC).isoformat()
 SPEC = {"tenants": [{"name": "t1", "agents": ["host-1"], "data_path": "/data/t1.jsonl"}]}
 STATE = {"job_id": "01jzzzzzzzzzzzzzzzzzzzzzzz", "name": "tenants", "state": "running",
          "spec": SPEC}
+STATUS = {"t1": {"state": "ok", "agent": "host-1", "student": "config:tiny", "rounds_done": 1,
+                 "accuracy_alone": 0.5, "accuracy_aggregated": 0.6, "bytes_sent": 1000,
+                 "raw_bytes": 4000}}
 FILL = {"spec": SPEC, "job_id": "01jzzzzzzzzzzzzzzzzzzzzzzz", "job": STATE, "jobs": [STATE],
-        "code": "config", "message": "m"}
+        "code": "config", "message": "m", "name": "tenants", "tenants": STATUS,
+        "stage": "round-1", "round": 1, "rounds": 2, "rule": "acme-top-rank", "tenant": "t1"}
+OVERRIDE = {"tenant_job_submitted": {"tenants": ["t1"]}}
+UNIONS = (TenantCommand, TenantReply, TenantEvent)
+DECODERS = (TENANT_COMMAND_DECODER, TENANT_REPLY_DECODER, TENANT_EVENT_DECODER)
 
 
 def write_missing() -> None:
     """One minimal valid example per tenant tag (existing files are never rewritten)."""
     GOLDEN.mkdir(exist_ok=True)
-    for union in (TenantCommand, TenantReply):
+    for union in UNIONS:
         for tp in union.__args__:
             tag = tp.__struct_config__.tag
             path = GOLDEN / f"{tag}.json"
@@ -39,6 +48,7 @@ def write_missing() -> None:
             fields = {f.name for f in msgspec.structs.fields(tp)}
             data = {"type": tag, "id": "01jzzzzzzzzzzzzzzzzzzzzzzz", "ts": TS}
             data.update({k: v for k, v in FILL.items() if k in fields})
+            data.update(OVERRIDE.get(tag, {}))
             msgspec.convert(data, tp)
             path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -47,7 +57,7 @@ def write_missing() -> None:
 def test_golden_tenant_messages_decode(path: Path) -> None:
     data = path.read_bytes()
     tag = json.loads(data)["type"]
-    for decoder in (TENANT_COMMAND_DECODER, TENANT_REPLY_DECODER):
+    for decoder in DECODERS:
         try:
             msg = decoder.decode(data)
         except msgspec.ValidationError:
@@ -58,7 +68,7 @@ def test_golden_tenant_messages_decode(path: Path) -> None:
 
 
 def test_every_tenant_tag_has_a_golden_file() -> None:
-    tags = {t.__struct_config__.tag for u in (TenantCommand, TenantReply) for t in u.__args__}
+    tags = {t.__struct_config__.tag for u in UNIONS for t in u.__args__}
     assert tags <= {p.stem for p in GOLDEN.glob("*.json")}
 
 
