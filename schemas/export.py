@@ -19,7 +19,7 @@ from schemas.events import Event
 from schemas.specs import RunSpec
 from schemas.stages import STAGE_RESULTS
 from schemas.telemetry import AgentTelemetry
-from schemas.tenants import TenantCommand, TenantJob, TenantReply
+from schemas.tenants import TenantCommand, TenantEvent, TenantJob, TenantReply
 
 OUT = Path(__file__).parent / "json"
 DOCUMENTS: dict[str, Any] = {
@@ -32,6 +32,7 @@ DOCUMENTS: dict[str, Any] = {
     "tenant_commands": TenantCommand,
     "tenant_replies": TenantReply,
     "tenant_job": TenantJob,
+    "tenant_events": TenantEvent,
 }
 
 

@@ -60,6 +60,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.trainers.grpo",
     "plugins.deployers.http_builtin",
     "plugins.deployers.vllm",
+    "plugins.deployers.multi_adapter",
     "plugins.aggregators.builtin",
 )
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import msgspec
 import structlog
-from nats.js import api as js_api
 from nats.js.errors import KeyNotFoundError, NoKeysError
 
 from schemas import subjects
@@ -60,8 +59,7 @@ class TenantService:
     async def start(self) -> None:
         """Create (or bind) the KV bucket; take up again the jobs a stopped daemon left
         running (each at its stored stage)."""
-        self.kv = await self.d.bus.js.create_key_value(
-            bucket=subjects.TENANTS_BUCKET, history=5, storage=js_api.StorageType.FILE)
+        self.kv = await self.d.bus.ensure_kv(subjects.TENANTS_BUCKET)  # replicated on a cluster
         for state in await self.list(limit=1000):
             if state.state in ("queued", "running") and state.job_id not in self.tasks:
                 self._start(self._restore(state), resume=True)
