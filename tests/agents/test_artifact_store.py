@@ -187,6 +187,9 @@ def test_s3_without_boto3_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 async def test_an_agent_identity_may_move_chunked_artifacts(tmp_path: Path) -> None:
+    """On a secured bus an agent uses its own bucket (private artifacts): chunked uploads,
+    skips, the download's push consumer and deletes are all allowed there."""
+    from stratosd.artifacts.private import AgentBuckets, agent_artifacts
     from stratosd.auth import DAEMON_USER, agent_user
     from stratosd.natsd import NatsServer
     from tests.e2e.secure import Creds, auth_init, server_config
@@ -198,7 +201,10 @@ async def test_an_agent_identity_may_move_chunked_artifacts(tmp_path: Path) -> N
     creds = Creds(out, server.url)
     daemon = Bus(await connect(creds.config(DAEMON_USER), "stratosd"))
     await daemon.ensure_streams()
+    own = AgentBuckets(daemon).of("gpu-1")  # the daemon creates the agent's bucket
+    await own.store()
     agent = Bus(await connect(creds.config(agent_user("gpu-1")), "stratos-agent-gpu-1"))
+    agent.artifacts = agent_artifacts(agent, "gpu-1")
     agent.artifacts.bus_chunk_bytes = MiB
     agent.artifacts.retries = 0  # a denied subject would time out: fail at once instead
     try:
@@ -207,11 +213,12 @@ async def test_an_agent_identity_may_move_chunked_artifacts(tmp_path: Path) -> N
         with structlog.testing.capture_logs() as logs:
             await agent.put_artifact("r1/ckpt.bin", src)
         assert uploaded(logs)["chunks_skipped"] == 4
-        for bus in (agent, daemon):  # the push consumer the download uses is allowed
-            back = await bus.get_artifact("r1/ckpt.bin", tmp_path / "out" / "ckpt.bin")
+        # the push consumer the download uses is allowed to the agent; the daemon reads too
+        for arts in (agent.artifacts, own.artifacts):
+            back = await arts.get("r1/ckpt.bin", tmp_path / "out" / "ckpt.bin")
             assert sha256_of(back) == sha256_of(src)
         await agent.delete_artifact("r1/ckpt.bin")
-        assert not await daemon.has_artifact("r1/ckpt.bin")
+        assert not await own.artifacts.exists("r1/ckpt.bin")
     finally:
         await agent.close()
         await daemon.close()
