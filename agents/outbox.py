@@ -15,6 +15,11 @@ comma-separated `MODE:TAG[:COUNT]` where MODE is `fail` (the publish raises, the
 retries) or `lose` (the event is dropped as if JetStream had acked it, for the daemon's
 reconciliation to find), TAG an event tag such as `job_completed`, COUNT how many publishes of
 that tag it hits (default 1).
+
+`STRATOS_OUTBOX_AUDIT` (benchmarks only, e.g. bench/bench_chaos.py) names a file to which every
+`put` and every JetStream ack is appended as one JSON line (`{"op": "put"|"acked", "id", ...}`),
+so that what agents published can be compared with what the stream holds; unset, nothing is
+written.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from stratosd.errors import BusUnavailable, ConfigError
 log = structlog.stdlib.get_logger(__name__)
 
 FAULTS_ENV = "STRATOS_FAULT_JOB_EVENTS"
+AUDIT_ENV = "STRATOS_OUTBOX_AUDIT"
 FaultMode = Literal["fail", "lose"]
 Publish = Callable[[str, bytes, str], Coroutine[Any, Any, None]]
 
@@ -52,6 +58,7 @@ class _Record(msgspec.Struct, omit_defaults=True):
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder(_Record)
+_AUDIT_ENCODER = msgspec.json.Encoder()
 
 
 class Faults:
@@ -100,6 +107,8 @@ class Outbox:
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        audit = os.environ.get(AUDIT_ENV, "")
+        self.audit = Path(audit) if audit else None  # see the module docstring
         self._load()
 
     def _load(self) -> None:
@@ -151,6 +160,7 @@ class Outbox:
             await asyncio.to_thread(self._append, rec, sync=True)
             self.pending[rec.id] = rec
             self._drained.clear()
+        self._audit("put", rec.id, subject=subject, kind=kind)
         self._wake.set()
 
     def start(self) -> None:
@@ -206,7 +216,22 @@ class Outbox:
                     await asyncio.to_thread(os.truncate, self.path, 0)
             except OSError:
                 log.warning("outbox_ack_not_written", event_id=rec.id, exc_info=True)
+        self._audit("acked", rec.id)
         log.debug("job_event_published", event_id=rec.id, subject=rec.subject)
+
+    def _audit(self, op: str, event_id: str, **fields: str) -> None:
+        """One line in the audit file, when $STRATOS_OUTBOX_AUDIT names one (never fails)."""
+        if self.audit is None:
+            return
+        line = _AUDIT_ENCODER.encode({"op": op, "id": event_id, **fields}) + b"\n"
+        try:
+            fd = os.open(self.audit, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)  # one write per line: whole lines even when killed
+            finally:
+                os.close(fd)
+        except OSError:
+            log.warning("outbox_audit_not_written", path=str(self.audit), exc_info=True)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every entry is published (True) or timeout passes (False)."""

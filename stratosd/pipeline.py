@@ -35,6 +35,7 @@ from stratosd.errors import (
     AgentUnavailable,
     ConfigError,
     Conflict,
+    Infeasible,
     JobFailed,
     NotFound,
     OutOfMemory,
@@ -59,6 +60,11 @@ STAGES: tuple[str, ...] = (
 # transient failures retry; a permanent one (JobRejected, ConfigError, ...) fails the run at
 # once; OutOfMemory degrades the stage's settings first (see next_degradation)
 RETRYABLE = (AgentUnavailable, JobFailed)
+# A lost agent (killed, frozen, restarting, not answering) is retried this many times, with a
+# backoff up to 30 s, apart from the stage's retries: the fleet needs seconds to notice that an
+# agent is gone and a restart takes longer, so the stage's few quick retries would all meet the
+# same dead agent (seen in bench/bench_chaos.py) and fail a run a minute's wait would save.
+AGENT_RETRIES = 8
 # states no cancel may overwrite
 FINAL = ("completed", "failed", "cancelled")
 # a resume takes these up again; "cancelled" too: cancelling keeps every result and artifact
@@ -125,17 +131,20 @@ class Pipeline:
         retries: int = 2,
         backoff_s: float = 2.0,
         budget_check: BudgetCheck | None = None,
+        agent_retries: int = AGENT_RETRIES,
     ) -> None:
         self.store = store
         self.stages = stages
         self.publish = publish
         self.retries = retries
+        self.agent_retries = agent_retries
         self.backoff_s = backoff_s
         # awaited before every stage attempt (a safe point); a verdict stops the run there
         self.budget_check = budget_check
         self.tasks: dict[str, asyncio.Task[None]] = {}  # running runs only
         self.live: dict[str, StageRun] = {}
         self._ending: set[str] = set()  # runs whose task is writing their end state
+        self._settling: asyncio.Future[None] | None = None  # see _fleet_settled
 
     async def submit(self, spec: RunSpec, run_id: str | None = None) -> RunInfo:
         """Store a new run and start it; the same run_id twice returns the existing run."""
@@ -183,7 +192,9 @@ class Pipeline:
             self._ending.discard(run_id)
 
     async def resume_all(self) -> list[str]:
-        """Restart every queued/running run from its stored stage."""
+        """Restart every queued/running run from its stored stage (each run first waits for
+        the fleet to settle, see _fleet_settled)."""
+        self._settling = asyncio.ensure_future(self._fleet_settled())
         resumed = []
         for run in await self.store.list():
             if run.state in ("queued", "running"):
@@ -253,7 +264,8 @@ class Pipeline:
         # retries count from here; the attempt number itself goes on (new job ids)
         base = int(run.progress.get(f"attempts_{stage}", 0))
         run = await self.store.save(run, spec=spec, state="running", stage=stage, error=None,
-                                    progress={**run.progress, f"retry_base_{stage}": base})
+                                    progress={**run.progress, f"retry_base_{stage}": base,
+                                              f"agents_lost_{stage}": 0})
         await self.publish(subjects.run_event(run_id, "resumed"),
                            RunResumed(run_id=run_id, stage=stage, changed=dict(overrides),
                                       source="stratosd"))
@@ -274,9 +286,26 @@ class Pipeline:
                         metrics=event.metrics, source="stratosd"),
         )
 
+    async def _fleet_settled(self) -> None:
+        """Wait until every agent known from before a daemon restart has reported again, each
+        at most its heartbeat window. Until then the fleet lists none of them: a run resumed
+        (or submitted) in that second would find "no live agent" and fail, as
+        bench/bench_chaos.py saw after the daemon was killed."""
+        fleet = getattr(getattr(self, "services", None), "fleet", None)
+        if fleet is None:
+            return
+        known = list(fleet.agents)
+        try:
+            await asyncio.gather(*(fleet.wait_up(agent_id) for agent_id in known))
+        except Exception:  # noqa: BLE001 - waiting is a courtesy: the runs go on regardless
+            log.warning("fleet_settle_failed", exc_info=True)
+        log.info("fleet_settled", known=len(known), up=len(fleet.live()))
+
     async def _drive(self, run_id: str) -> None:
         with structlog.contextvars.bound_contextvars(run_id=run_id):
             try:
+                if self._settling is not None and not self._settling.done():
+                    await asyncio.shield(self._settling)
                 await self._drive_stages(run_id)
             except asyncio.CancelledError:
                 log.info("run_task_cancelled")
@@ -318,6 +347,9 @@ class Pipeline:
                         result = await self.stages[stage](ctx)
                     except RETRYABLE as exc:
                         run = await self.store.get(run_id)
+                        if (again := await self._retry_lost(run, stage, exc, attempt, base)):
+                            run, base, attempt = again, base + 1, attempt + 1
+                            continue
                         tries = attempt - base  # since the submit or the last resume
                         if tries > self.retries:
                             await self._fail(run, stage, exc)
@@ -340,6 +372,9 @@ class Pipeline:
                         continue
                     except StratosError as exc:
                         run = await self.store.get(run_id)
+                        if (again := await self._retry_lost(run, stage, exc, attempt, base)):
+                            run, base, attempt = again, base + 1, attempt + 1
+                            continue
                         await self._fail(run, stage, exc)
                         return
                     duration = time.monotonic() - t0
@@ -361,6 +396,24 @@ class Pipeline:
             await self.publish(subjects.run_event(run_id, "completed"),
                                RunCompleted(run_id=run_id, summary=summary, source="stratosd"))
         log.info("run_completed")
+
+    async def _retry_lost(self, run: RunInfo, stage: str, exc: StratosError, attempt: int,
+                          base: int) -> RunInfo | None:
+        """If the stage failed because its agent was lost (AgentUnavailable, or every other
+        server was busy when the stage looked for another), wait and return the run to retry
+        with, the retry base moved up (one of AGENT_RETRIES, not of the stage's retries);
+        None otherwise, or when AGENT_RETRIES are used up."""
+        lost = _lost(run, stage)
+        busy = isinstance(exc, Infeasible) and exc.field == "constraints.busy"
+        if not (isinstance(exc, AgentUnavailable) or busy) or lost >= self.agent_retries:
+            return None
+        wait_s = min(30.0, self.backoff_s * 2.0 ** lost)
+        run = await self.store.save(run, progress={**run.progress, f"retry_base_{stage}": base + 1,
+                                                   f"agents_lost_{stage}": lost + 1})
+        log.warning("stage_retry", attempt=attempt, error=exc.message, agents_lost=lost + 1,
+                    retry_in_s=wait_s)
+        await asyncio.sleep(wait_s)
+        return run
 
     async def _over_budget(self, run: RunInfo, stage: str) -> bool:
         """Ask the budget check before a stage attempt; on a verdict, stop the run there."""
@@ -441,10 +494,17 @@ class Pipeline:
 
     async def stop(self) -> None:
         """Cancel run tasks without marking runs (they resume on the next start)."""
+        if self._settling is not None:
+            self._settling.cancel()
         tasks = list(self.tasks.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _lost(run: RunInfo, stage: str) -> int:
+    """How many times the stage's agent was lost (see AGENT_RETRIES)."""
+    return int(run.progress.get(f"agents_lost_{stage}", 0))
 
 
 def _refuse_cancel(run: RunInfo) -> None:
