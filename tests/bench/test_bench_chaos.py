@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,8 @@ def test_the_generated_block_replaces_only_itself(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("STRATOS_SOAK"),
+                    reason="a 3-minute soak: CI keeps soaks out; run with STRATOS_SOAK=1")
 @pytest.mark.timeout(600)
 def test_a_short_soak_loses_nothing_and_hangs_nothing() -> None:
     proc = subprocess.run(
