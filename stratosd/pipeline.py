@@ -30,6 +30,7 @@ from schemas.events import (
     RunSubmitted,
 )
 from schemas.specs import RunSpec
+from stratosd.artifacts.base import TransferInterrupted
 from stratosd.degrade import Degradation, next_degradation, nothing_left
 from stratosd.errors import (
     AgentUnavailable,
@@ -59,7 +60,9 @@ STAGES: tuple[str, ...] = (
 )
 # transient failures retry; a permanent one (JobRejected, ConfigError, ...) fails the run at
 # once; OutOfMemory degrades the stage's settings first (see next_degradation)
-RETRYABLE = (AgentUnavailable, JobFailed)
+# a bus or store outage in the daemon's own stage code (e.g. the checkpoint lookup) is
+# transient too: the connection comes back and the stage is tried again
+RETRYABLE = (AgentUnavailable, JobFailed, TransferInterrupted)
 # A lost agent (killed, frozen, restarting, not answering) is retried this many times, with a
 # backoff up to 30 s, apart from the stage's retries: the fleet needs seconds to notice that an
 # agent is gone and a restart takes longer, so the stage's few quick retries would all meet the
