@@ -174,9 +174,15 @@ def _md_strategy(run: RunInfo) -> list[str]:
                 f"Why: {st.reason}.", ""]
     if syn is None:
         return out + _missing("synthesize")
-    return out + [f"Synthesis: {syn.rows} rows written, {syn.kept} kept, {syn.dropped} "
-                  f"dropped; by mode {syn.by_mode}, by teacher {syn.by_teacher}; verified "
-                  f"{syn.verified}; cost ${_f(syn.cost_usd, '{:.4f}')}.", ""]
+    out += [f"Synthesis: {syn.rows} rows written, {syn.kept} kept, {syn.dropped} "
+            f"dropped; by mode {syn.by_mode}, by teacher {syn.by_teacher}; verified "
+            f"{syn.verified}; cost ${_f(syn.cost_usd, '{:.4f}')}.", ""]
+    if syn.by_teacher.get("reference"):
+        out += [f"{syn.by_teacher['reference']} of the {syn.kept} kept rows carry reasoning "
+                "written by the task's own reference reasoner, not by a model: the teacher's "
+                "tries all failed the check, as they do on a CPU, where no local model can "
+                "write this reasoning.", ""]
+    return out
 
 
 def _md_training(run: RunInfo, plots: dict[str, Any]) -> list[str]:

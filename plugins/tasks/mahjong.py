@@ -2,8 +2,10 @@
 
 Tiles use compact notation (`123m456p789s11z`); an answer is the sorted tile list `2m 5m 8m`.
 The reference reasoning tries each candidate tile and shows either a decomposition of
-hand + tile into a pair and melds (`+2m: 11m 123m`) or `+4m: no`; the verifier re-checks every
-claimed decomposition and compares the answer with the library's ground truth.
+hand + tile into a pair and melds (`+2m: 11m 123m`) or `+4m: no`; with `derivation = "wins"`
+it shows only the winning tiles' decompositions (a third of the length: what a tiny student
+learns in minutes on a CPU). The verifier re-checks every claimed decomposition and compares
+the answer with the library's ground truth.
 """
 
 from __future__ import annotations
@@ -269,6 +271,13 @@ class MahjongTask(TaskPack):
         "n_train": Param((int,), 200, "number of training hands", min=0),
         "n_test": Param((int,), 100, "number of held-out test hands", min=1),
         "seed": Param((int,), 0, "seed of the generator (train and test have their own streams)"),
+        "derivation": Param(
+            (str,),
+            "all",
+            "reasoning format: all = a line per candidate tile (`+4m: no` too), "
+            "wins = only the winning tiles' decompositions",
+            choices=("all", "wins"),
+        ),
     }
 
     def __init__(self, params: Mapping[str, Any] | None = None) -> None:
@@ -321,12 +330,15 @@ class MahjongTask(TaskPack):
 
     def injection_prompt(self, question: str, answer: str) -> str:
         """Show the answer and the derivation format the verifier reads."""
-        return (
-            f"{question}\nThe correct answer is: {answer}\n"
-            "For each candidate tile X write one line: `+X: ` and the hand plus X split into "
-            "one pair and melds (e.g. `+2m: 11m 123m`), or `+X: no` when it does not win. "
-            "End with `Answer: <tiles>`.\n"
-        )
+        if self.cfg["derivation"] == "wins":
+            lines = ("For each tile X that completes the hand write one line: `+X: ` and the "
+                     "hand plus X split into one pair and melds (e.g. `+2m: 11m 123m`). ")
+        else:
+            lines = ("For each candidate tile X write one line: `+X: ` and the hand plus X "
+                     "split into one pair and melds (e.g. `+2m: 11m 123m`), or `+X: no` when "
+                     "it does not win. ")
+        return (f"{question}\nThe correct answer is: {answer}\n{lines}"
+                "End with `Answer: <tiles>`.\n")
 
     # answers ----------------------------------------------------------------------------------
 
@@ -353,7 +365,8 @@ class MahjongTask(TaskPack):
     # reasoning -------------------------------------------------------------------------------
 
     def reference_reasoning(self, question: str, answer: str) -> str | None:
-        """One line per candidate tile: a decomposition when it wins, `no` otherwise."""
+        """One line per candidate tile: a decomposition when it wins, `no` otherwise (only the
+        winning lines with `derivation = "wins"`)."""
         hand = hand_of(question)
         if hand is None:
             return None
@@ -370,7 +383,7 @@ class MahjongTask(TaskPack):
                 if groups is None:  # library and display disagree: refuse rather than lie
                     return None
                 lines.append(f"+{tile_name(t)}: {format_groups(groups)}")
-            else:
+            elif self.cfg["derivation"] == "all":
                 lines.append(f"+{tile_name(t)}: no")
         return "\n".join(lines)
 

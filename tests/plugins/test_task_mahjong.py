@@ -332,3 +332,22 @@ def test_any_hand_reasoning_agrees_with_library(
         assert answer is not None
         reasoning = task.reference_reasoning(q, answer)
         assert reasoning is not None and task.verify(q, reasoning, answer) is True
+
+
+@pytest.mark.parametrize("level", sorted(LEVEL_SIZES))
+def test_wins_derivation_shows_only_winners_and_passes_verifier(level: int) -> None:
+    full = MahjongTask({"difficulty": level, "n_train": 30, "n_test": 10, "seed": 3})
+    wins = MahjongTask({"difficulty": level, "n_train": 30, "n_test": 10, "seed": 3,
+                        "derivation": "wins"})
+    assert wins.examples("train") == full.examples("train")
+    for ex in wins.examples("train"):
+        every = full.reference_reasoning(ex.question, ex.answer) or ""
+        reasoning = wins.reference_reasoning(ex.question, ex.answer)
+        assert reasoning == "\n".join(x for x in every.splitlines() if not x.endswith(": no"))
+        assert len(reasoning.splitlines()) == len(ex.answer.split())
+        assert wins.verify(ex.question, reasoning, ex.answer) is True
+        assert wins.verify(ex.question, reasoning.splitlines()[0], ex.answer) is (
+            len(ex.answer.split()) == 1)
+    assert "`+X: no`" not in wins.injection_prompt("Hand: 1123m", "1m 4m")
+    with pytest.raises(ConfigError, match="derivation"):
+        MahjongTask({"derivation": "short"})
