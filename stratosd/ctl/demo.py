@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 AGENTS = (("cpu-a", 0.40, "us-east", 1), ("cpu-b", 1.00, "eu-west", 2),
           ("cpu-c", 2.50, "ap-south", 2))
 FAST = {"task": {"params": {"n_train": 24, "n_test": 12}, "probe_size": 6},
-        "teachers": [{"name": "tiny-general", "backend": "hf", "model": "config:tiny"}],
-        "students": [{"model": "config:tiny"}],
+        "teachers": [{"name": "tiny-general", "backend": "hf",
+                      "model": "config:qwen2-tiny?vocab_size=512"}],
+        "students": [{"model": "config:qwen2-tiny?vocab_size=512"}],
         "train": {"max_steps": 8, "synthesis": {"tries": 1, "max_new_tokens": 16},
                   "evaluate": {"max_new_tokens": 24, "batch_size": 12}}}
 

@@ -74,7 +74,10 @@ def test_student_size_from_a_local_dir_and_from_a_hub_name(tmp_path: Path) -> No
 
 
 def test_training_work_comes_from_the_job(plugins: Plugins) -> None:
-    s = spec()
+    # the demo job with the char-level student and step count this test's figures are for
+    char = [{"model": "config:small"}]
+    train = msgspec.to_builtins(parse_spec_toml(DEMO))["train"]
+    s = spec(students=char, train={**train, "max_steps": 400})
     w = estimate_work(s, plugins)
     row = w.seq_tokens
     assert w.train_steps == 400
@@ -84,11 +87,11 @@ def test_training_work_comes_from_the_job(plugins: Plugins) -> None:
     assert w.trainable_params == w.params
     assert w.eval_prompts == 2 * 40 and w.teacher_local
     assert "task's training data" in w.notes["row_length"]
-    lora = estimate_work(spec(trainer="lora-sft"), plugins)
+    lora = estimate_work(spec(trainer="lora-sft", students=char), plugins)
     assert lora.trainable_params < lora.params / 5
     # rows kept by synthesis and their measured length refine it
-    fewer = estimate_work(spec(train={"num_train_epochs": 2, "max_steps": -1}), plugins,
-                          rows=100, row_chars=150.0)
+    fewer = estimate_work(spec(train={"num_train_epochs": 2, "max_steps": -1}, students=char),
+                          plugins, rows=100, row_chars=150.0)
     assert fewer.train_tokens == pytest.approx(100 * 2 * (150.0 + 2))
 
 
