@@ -1,12 +1,29 @@
-"""Run state in the JetStream KV bucket stratos_runs: the source of truth for resume."""
+"""Run state in the JetStream KV bucket stratos_runs: the source of truth for resume.
+
+While a cluster member dies and the bucket's stream elects a new leader (a few seconds), or
+while the client reconnects to another server, KV calls time out or find no responders. A
+run must not fail for that: every call here is retried for up to RETRY_S. A write whose ack
+was lost may have landed; its retry then meets a newer revision, which is the write itself
+when the stored value is what was written, and a real conflict otherwise.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
+import nats.errors
 import structlog
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import (
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+)
 
 from schemas import subjects
 from schemas.base import encode, utc_now
@@ -16,6 +33,27 @@ from stratosd.errors import Conflict, NotFound
 
 log = structlog.stdlib.get_logger(__name__)
 RUN_DECODER = msgspec.json.Decoder(RunInfo)
+RETRY_S = 60.0  # longer than a cluster's leader election and a client's reconnect
+TRANSIENT: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError, nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
+    NoStreamResponseError, ServiceUnavailableError, asyncio.TimeoutError)
+T = TypeVar("T")
+
+
+async def retried(op: str, call: Callable[[], Awaitable[T]], retry_s: float = RETRY_S) -> T:
+    """call(), again while the bus is failing over; the last error after retry_s."""
+    deadline = time.monotonic() + retry_s
+    delay = 0.25
+    while True:
+        try:
+            return await call()
+        except TRANSIENT as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.info("store_retried", op=op, error=str(exc) or type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
 
 
 class RunStore:
@@ -30,17 +68,37 @@ class RunStore:
     async def create(self, run: RunInfo) -> RunInfo:
         """Store a new run; Conflict if the id exists."""
         kv = await self._kv()
-        try:
-            rev = await kv.create(run.run_id, encode(run))
-        except KeyWrongLastSequenceError:
-            raise Conflict(f"run {run.run_id} already exists") from None
+        data = encode(run)
+        tried = False
+
+        async def call() -> int:
+            nonlocal tried
+            try:
+                return int(await kv.create(run.run_id, data))
+            except KeyWrongLastSequenceError:
+                if tried and (landed := await self._landed(run.run_id, data)) is not None:
+                    return landed  # our first try landed; its ack was lost
+                raise Conflict(f"run {run.run_id} already exists") from None
+            finally:
+                tried = True
+
+        rev = await retried("create", call)
         return msgspec.structs.replace(run, revision=rev)
+
+    async def _landed(self, run_id: str, data: bytes) -> int | None:
+        """The stored revision when the stored value is exactly data, else None."""
+        kv = await self._kv()
+        try:
+            entry = await retried("get", lambda: kv.get(run_id))
+        except KeyNotFoundError:
+            return None
+        return int(entry.revision) if entry.value == data else None
 
     async def get(self, run_id: str) -> RunInfo:
         """The run, or NotFound."""
         kv = await self._kv()
         try:
-            entry = await kv.get(run_id)
+            entry = await retried("get", lambda: kv.get(run_id))
         except KeyNotFoundError:
             raise NotFound(f"no run with id {run_id!r}",
                            hint="list runs with `stratosctl jobs`") from None
@@ -52,20 +110,32 @@ class RunStore:
         """Write run with changes applied; the stored revision must match run.revision."""
         kv = await self._kv()
         new = msgspec.structs.replace(run, updated=utc_now(), **changes)
-        try:
-            rev = await kv.update(run.run_id, encode(new), last=run.revision)
-        except KeyWrongLastSequenceError:
-            current = await self.get(run.run_id)
-            log.warning("run_write_conflict", run_id=run.run_id, expected=run.revision,
-                        found=current.revision)
-            raise Conflict(f"run {run.run_id} changed concurrently") from None
+        data = encode(new)
+        tried = False
+
+        async def call() -> int:
+            nonlocal tried
+            try:
+                return int(await kv.update(run.run_id, data, last=run.revision))
+            except KeyWrongLastSequenceError:
+                if tried and (landed := await self._landed(run.run_id, data)) is not None:
+                    log.info("run_write_landed", run_id=run.run_id, revision=landed)
+                    return landed  # our first try landed; its ack was lost
+                current = await self.get(run.run_id)
+                log.warning("run_write_conflict", run_id=run.run_id, expected=run.revision,
+                            found=current.revision)
+                raise Conflict(f"run {run.run_id} changed concurrently") from None
+            finally:
+                tried = True
+
+        rev = await retried("save", call)
         return msgspec.structs.replace(new, revision=rev)
 
     async def list(self) -> list[RunInfo]:
         """All runs, newest first."""
         kv = await self._kv()
         try:
-            keys = await kv.keys()
+            keys = await retried("keys", kv.keys)
         except NoKeysError:
             return []
         runs = []

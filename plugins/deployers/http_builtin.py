@@ -71,12 +71,18 @@ class OpenAIServer:
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    def start(self) -> str:
-        """Load the model, listen, serve in a thread; return `http://host:port/v1`."""
+    handler_class: type[Handler] = Handler  # the routes; a subclass may add to them
+
+    def load(self) -> None:
+        """Load the model and tokenizer to serve."""
         from plugins.models.hf import load_model
 
         self.model, self.tokenizer = load_model(self.model_ref, seed=self.seed)
-        handler = type("Handler", (Handler,), {"app": self})
+
+    def start(self) -> str:
+        """Load the model, listen, serve in a thread; return `http://host:port/v1`."""
+        self.load()
+        handler = type("Handler", (self.handler_class,), {"app": self})
         self._httpd = ConnTrackingServer((self.host, self.port), handler)
         host, port = self._httpd.server_address[:2]
         host = host.decode() if isinstance(host, bytes) else host
@@ -85,7 +91,8 @@ class OpenAIServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="openai-server",
                                         daemon=True)
         self._thread.start()
-        log.info("builtin_server_started", url=self.url, model=self.served_name)
+        log.info("builtin_server_started", url=self.url, model=self.served_name,
+                 handler=self.handler_class.__name__)
         return self.url
 
     def stop(self) -> None:

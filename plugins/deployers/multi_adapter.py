@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import structlog
 
 from plugins.deployers.http_builtin import OpenAIServer
-from plugins.deployers.openai_http import ConnTrackingServer, Handler
+from plugins.deployers.openai_http import Handler
 from plugins.deployers.openai_wire import ApiError
 from stratosd import hookimpl
 from stratosd.api import DeployContext, Deployer
@@ -92,11 +92,12 @@ class MultiAdapterServer(OpenAIServer):
         """Every name this server answers to, the base first."""
         return [self.base_name, *sorted(self.adapter_refs)]
 
-    def start(self) -> str:
-        """Load the base and every variant's deltas, then serve."""
+    handler_class = MultiHandler
+
+    def load(self) -> None:
+        """Load the base and every variant's deltas."""
         from plugins.models.hf import load_model
 
-        url = ""
         self.model, self.tokenizer = load_model(self.model_ref, seed=self.seed)
         base = dict(self.model.named_parameters())
         for name, ref in sorted(self.adapter_refs.items()):
@@ -120,17 +121,6 @@ class MultiAdapterServer(OpenAIServer):
             del variant
         self._base_weights = {p: base[p].detach().clone()
                               for p in {k for d in self.deltas.values() for k in d}}
-        handler = type("Handler", (MultiHandler,), {"app": self})
-        self._httpd = ConnTrackingServer((self.host, self.port), handler)
-        host, port = self._httpd.server_address[:2]
-        host = host.decode() if isinstance(host, bytes) else host
-        self.port = int(port)
-        url = self.url = f"http://{host}:{self.port}/v1"
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        name="openai-multi-server", daemon=True)
-        self._thread.start()
-        log.info("multi_adapter_server_started", url=url, models=self.names())
-        return url
 
     def check_model(self, body: Mapping[str, Any]) -> None:
         """400 without `model`, 404 for a name this server does not serve; else route."""

@@ -9,8 +9,11 @@ the same words for the plan and the report):
 - training tokens: rows x tokenised length x epochs, or max_steps x batch x length, whichever
   stops first. Rows and their text come from the task's training data (the task's own prompt
   and its reference reasoning where the task has one, else synthesis' max_new_tokens); length
-  in tokens is characters x tokens-per-character (1.0 for the char-level test tokenizer, 0.3
-  for BPE tokenizers: a prior), capped at max_length; after synthesis, the rows kept;
+  in tokens is counted with the student's own tokenizer and chat template, as the trainer
+  renders rows (`stratosd.costmodel.tokens`); where that tokenizer is not on this machine (a
+  hub id not in the local cache), characters x a prior (0.3 tokens per character for BPE,
+  1.0 for the char-level test tokenizer) + 2, said in the notes; capped at max_length; after
+  synthesis, the rows kept and their measured length;
 - synthesis: rows x tries x max_new_tokens written by the teacher; a remote API teacher is
   billed per token at its price (`plugins.teachers.common.price_for`), and one with no known
   price is refused unless the job gives it;
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from schemas.costs import Estimate, JobWork
 from schemas.specs import RunSpec, StudentSpec, TeacherSpec
 from schemas.stages import ProbeTeachersResult
+from stratosd.costmodel.tokens import token_profile
 from stratosd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -149,6 +153,7 @@ class TaskSample:
     test_rows: int
     prompt_chars: float  # mean characters of the forward prompt
     target_chars: float | None  # mean characters of the reference target (None: no reasoner)
+    rows: tuple[tuple[str, str], ...] = ()  # sampled (user content, target or "") pairs
 
 
 def task_sample(spec: RunSpec, plugins: Plugins) -> TaskSample:
@@ -158,18 +163,19 @@ def task_sample(spec: RunSpec, plugins: Plugins) -> TaskSample:
     test = task.examples("test")
     step = max(1, len(train) // SAMPLE_ROWS)
     sample = train[::step][:SAMPLE_ROWS]
-    prompts = [len(task.prompt(e.question)) for e in sample]
+    prompts = [task.prompt(e.question) for e in sample]
     targets = []
     for e in sample:
         reasoning = task.reference_reasoning(e.question, e.answer)
         if reasoning is None:
             break
-        targets.append(len(task.format_target(reasoning, e.answer)))
+        targets.append(task.format_target(reasoning, e.answer))
+    known = bool(targets) and len(targets) == len(sample)
     return TaskSample(
         train_rows=len(train), test_rows=len(test),
-        prompt_chars=sum(prompts) / len(prompts) if prompts else 0.0,
-        target_chars=sum(targets) / len(targets) if targets and len(targets) == len(sample)
-        else None)
+        prompt_chars=sum(map(len, prompts)) / len(prompts) if prompts else 0.0,
+        target_chars=sum(map(len, targets)) / len(targets) if known else None,
+        rows=tuple(zip(prompts, targets if known else [""] * len(prompts), strict=True)))
 
 
 def _int(value: Any, default: int) -> int:
@@ -239,10 +245,20 @@ def estimate_work(
     syn = _stage(spec, "synthesis")
     max_new = _int(syn.get("max_new_tokens"), 256)
     tpc = shape.tokens_per_char
+    profile = token_profile(chosen.model, sample.rows) if sample.rows else None
+    if profile is not None:
+        overhead, per_char = profile.overhead, profile.per_char
+        notes["tokens"] = (f"{profile.source}: {overhead:.0f} tokens of prompt format per row "
+                           f"+ {per_char:.3f} tokens per character")
+    else:
+        overhead, per_char = 2.0, tpc  # bos/eos
+        notes["tokens"] = (f"prior {tpc} tokens per character + 2 (the student's tokenizer is "
+                           "not on this machine; the chat template's wrapper is not counted)")
+    extra = 0.0
     if row_chars is None:
         target = sample.target_chars
         if target is None:
-            target = max_new / tpc
+            target, extra = 0.0, float(max_new)
             notes["row_length"] = (f"prompt {sample.prompt_chars:.0f} chars (task data) + "
                                    f"{max_new} new tokens (synthesis max_new_tokens, no "
                                    "reference reasoning to measure)")
@@ -253,7 +269,7 @@ def estimate_work(
     else:
         notes["row_length"] = f"{row_chars:.0f} chars per row, measured on the synthesised data"
     max_len = _int(p.get("max_length"), 512)
-    row_tokens = min(row_chars * tpc + 2, float(max_len))  # + bos/eos
+    row_tokens = min(overhead + row_chars * per_char + extra, float(max_len))
     n_rows = rows if rows is not None else sample.train_rows
     notes["rows"] = (f"{n_rows} rows kept by synthesis" if rows is not None
                      else f"{n_rows} training rows of the task")

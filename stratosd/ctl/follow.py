@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
+from collections.abc import AsyncGenerator
 
 import msgspec
 from nats.js import api as js_api
@@ -61,53 +63,63 @@ def _line(event: object) -> str | None:
     return None
 
 
+async def replay_and_follow(args: argparse.Namespace, subject: str,
+                            timeout_s: float = 0) -> AsyncGenerator[tuple[bytes, int], None]:
+    """Every event on `subject` from the start of the stream, then live, as (data, events
+    still pending after it). Raises TimeoutError when timeout_s (0: never) has passed."""
+    bus = await open_bus(args)
+    queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
+
+    async def cb(msg: object) -> None:
+        pending = msg.metadata.num_pending  # type: ignore[attr-defined]
+        await queue.put((msg.data, int(pending or 0)))  # type: ignore[attr-defined]
+
+    sub = await bus.js.subscribe(subject, ordered_consumer=True,
+                                 deliver_policy=js_api.DeliverPolicy.ALL, cb=cb,
+                                 stream=subjects.EVENTS_STREAM)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s if timeout_s else None
+    try:
+        while True:
+            timeout = None if deadline is None else max(0.01, deadline - loop.time())
+            yield await asyncio.wait_for(queue.get(), timeout)
+    finally:
+        await sub.unsubscribe()
+        await bus.close()
+
+
 def follow(args: argparse.Namespace, run_id: str) -> int:
     """Replay + follow; exit 0 on completion, 1 on failure/cancel, 4 when stopped (budget).
 
     An end that later events follow (the run was resumed) does not end the watch."""
     async def go() -> int:
         await ask(args, "run", GetRun(run_id=run_id))  # NotFound names the id
-        bus = await open_bus(args)
-        queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
-
-        async def cb(msg: object) -> None:
-            pending = msg.metadata.num_pending  # type: ignore[attr-defined]
-            await queue.put((msg.data, int(pending or 0)))  # type: ignore[attr-defined]
-
-        sub = await bus.js.subscribe(subjects.run_events(run_id), ordered_consumer=True,
-                                     deliver_policy=js_api.DeliverPolicy.ALL, cb=cb,
-                                     stream=subjects.EVENTS_STREAM)
         tty = sys.stdout.isatty()
         progress_shown = False
         end: object | None = None  # the last terminal event, until a later one resumes
-        loop = asyncio.get_running_loop()
-        timeout_s = getattr(args, "timeout", 0) or 0
-        deadline = loop.time() + timeout_s if timeout_s else None
-        try:
-            while True:
-                timeout = None if deadline is None else max(0.01, deadline - loop.time())
-                try:
-                    data, pending = await asyncio.wait_for(queue.get(), timeout)
-                except TimeoutError:
-                    print("watch: timed out", file=sys.stderr)
-                    return 1
-                try:
-                    event = decode_or_error(EVENT_DECODER, data)
-                except StratosError:
-                    event = None  # a newer event type: skip it
-                if event is not None:
-                    progress_shown = _show(event, args.json, tty, progress_shown)
-                if isinstance(event, TERMINAL):
-                    end = event
-                elif isinstance(event, RunResumed | RunStageStarted):
-                    end = None  # the run went on after an end seen in the replay
-                if end is not None and not pending:
-                    if isinstance(end, RunBudgetExhausted):
-                        return EXIT_STOPPED
-                    return 0 if isinstance(end, RunCompleted) else 1
-        finally:
-            await sub.unsubscribe()
-            await bus.close()
+        events = replay_and_follow(args, subjects.run_events(run_id),
+                                   getattr(args, "timeout", 0) or 0)
+        async with contextlib.aclosing(events):
+            try:
+                async for data, pending in events:
+                    try:
+                        event = decode_or_error(EVENT_DECODER, data)
+                    except StratosError:
+                        event = None  # a newer event type: skip it
+                    if event is not None:
+                        progress_shown = _show(event, args.json, tty, progress_shown)
+                    if isinstance(event, TERMINAL):
+                        end = event
+                    elif isinstance(event, RunResumed | RunStageStarted):
+                        end = None  # the run went on after an end seen in the replay
+                    if end is not None and not pending:
+                        if isinstance(end, RunBudgetExhausted):
+                            return EXIT_STOPPED
+                        return 0 if isinstance(end, RunCompleted) else 1
+            except TimeoutError:
+                pass
+        print("watch: timed out", file=sys.stderr)
+        return 1
     return run_async(go)
 
 

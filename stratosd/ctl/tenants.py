@@ -182,52 +182,38 @@ def event_line(ev: Any) -> str:
 
 def main_watch(args: argparse.Namespace) -> int:
     """Replay + follow a job's events; 0 when it completes, 1 when it fails."""
-    import asyncio
+    import contextlib
 
-    from nats.js import api as js_api
+    from stratosd.ctl.follow import replay_and_follow
 
     async def go() -> int:
         job: TenantJobState = (await ask(args, GetTenantJob(job_id=args.id))).job
         rounds = job.spec.aggregation.rounds
-        bus = await open_bus(args)
-        queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
-
-        async def cb(msg: Any) -> None:
-            await queue.put((msg.data, int(msg.metadata.num_pending or 0)))
-
-        sub = await bus.js.subscribe(subjects.tenant_events(args.id), ordered_consumer=True,
-                                     deliver_policy=js_api.DeliverPolicy.ALL, cb=cb,
-                                     stream=subjects.EVENTS_STREAM)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + args.timeout if args.timeout else None
         end: Any = None
-        try:
-            while True:
-                timeout = None if deadline is None else max(0.01, deadline - loop.time())
-                try:
-                    data, pending = await asyncio.wait_for(queue.get(), timeout)
-                except TimeoutError:
-                    print("watch: timed out", file=sys.stderr)
-                    return 1
-                try:
-                    ev = decode_or_error(TENANT_EVENT_DECODER, data)
-                except StratosError:
-                    continue  # a newer event type
-                if args.json:
-                    print(msgspec.json.encode(ev).decode(), flush=True)
-                else:
-                    print(event_line(ev), flush=True)
-                    if isinstance(ev, TenantRoundCompleted | TenantJobCompleted):
-                        print(status_rows(ev.tenants, rounds), flush=True)
-                if isinstance(ev, TENANT_TERMINAL):
-                    end = ev
-                elif isinstance(ev, TenantJobResumed):
-                    end = None
-                if end is not None and not pending:
-                    return 0 if isinstance(end, TenantJobCompleted) else 1
-        finally:
-            await sub.unsubscribe()
-            await bus.close()
+        events = replay_and_follow(args, subjects.tenant_events(args.id), args.timeout or 0)
+        async with contextlib.aclosing(events):
+            try:
+                async for data, pending in events:
+                    try:
+                        ev = decode_or_error(TENANT_EVENT_DECODER, data)
+                    except StratosError:
+                        continue  # a newer event type
+                    if args.json:
+                        print(msgspec.json.encode(ev).decode(), flush=True)
+                    else:
+                        print(event_line(ev), flush=True)
+                        if isinstance(ev, TenantRoundCompleted | TenantJobCompleted):
+                            print(status_rows(ev.tenants, rounds), flush=True)
+                    if isinstance(ev, TENANT_TERMINAL):
+                        end = ev
+                    elif isinstance(ev, TenantJobResumed):
+                        end = None
+                    if end is not None and not pending:
+                        return 0 if isinstance(end, TenantJobCompleted) else 1
+            except TimeoutError:
+                pass
+        print("watch: timed out", file=sys.stderr)
+        return 1
     return run_async(go)
 
 

@@ -92,7 +92,31 @@ def test_training_work_comes_from_the_job(plugins: Plugins) -> None:
     # rows kept by synthesis and their measured length refine it
     fewer = estimate_work(spec(train={"num_train_epochs": 2, "max_steps": -1}, students=char),
                           plugins, rows=100, row_chars=150.0)
-    assert fewer.train_tokens == pytest.approx(100 * 2 * (150.0 + 2))
+    # char-level: one token per character + the eos the trainer appends
+    assert fewer.train_tokens == pytest.approx(100 * 2 * (150.0 + 1))
+
+
+def test_row_length_is_counted_with_the_students_tokenizer_and_chat_template(
+        plugins: Plugins) -> None:
+    from plugins.models import prompting
+    from plugins.models.bpe import load_tokenizer
+
+    # the demo's BPE student: ChatML wrapper + Qwen's default system message on every row
+    student = "config:qwen2-tiny?vocab_size=512"
+    s = parse_spec_toml(DEMO)
+    w = estimate_work(s, plugins, student=student)
+    task = plugins.task(s.task.name, dict(s.task.params))
+    tok = load_tokenizer("qwen2", 512)
+    lengths = [len(prompting.encode_example(
+        tok, prompting.task_messages(task, e.question),
+        task.format_target(task.reference_reasoning(e.question, e.answer) or "", e.answer))
+        ["input_ids"]) for e in task.examples("train")]
+    real = sum(lengths) / len(lengths)
+    assert w.seq_tokens == pytest.approx(real, rel=0.05)  # every row, as the trainer encodes
+    assert "chat template" in w.notes["tokens"]
+    # a hub id that is not in the local cache: the prior, and the notes say so
+    hub = estimate_work(spec(students=[{"model": "someone/Tiny-0.5B"}]), plugins)
+    assert "prior" in hub.notes["tokens"] and "not on this machine" in hub.notes["tokens"]
 
 
 def test_api_teacher_needs_a_price(plugins: Plugins) -> None:

@@ -44,6 +44,18 @@ def test_every_tag_has_a_golden_file() -> None:
 
 
 def test_json_schema_files_are_fresh() -> None:
+    import difflib
+
+    from schemas.export import OUT, render
+
+    stale = []
+    for name, text in render().items():
+        old = (OUT / name).read_text() if (OUT / name).exists() else ""
+        if old != text:
+            diff = difflib.unified_diff(old.splitlines(True), text.splitlines(True),
+                                        f"checked in {name}", f"from the code {name}", n=2)
+            stale.append("".join(list(diff)[:40]))
+    assert not stale, "run python -m schemas.export\n" + "\n".join(stale)
     assert export_main(["--check"]) == 0
 
 
