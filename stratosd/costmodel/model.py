@@ -6,6 +6,8 @@ Per phase, on one server (speeds per device from `capacity.offer_speed`, work fr
     train      FLOPs = T x (6P + 6 L h s)          full SFT, GRPO's training part
                FLOPs = T x (4P + 6 P_lora + 6 L h s)   LoRA (no weight gradients for frozen P)
                seconds = FLOPs / (TFLOP/s x 1e12 x ranks x scaling efficiency(ranks) x MFU)
+               + optimizer steps x TRAIN_STEP_OVERHEAD_S (framework, optimizer and small-op
+               costs no FLOP count sees: most of a tiny student's step on CPU)
                + GRPO rollouts (decode, below) + a child's start-up and checkpoint uploads
     decode     per step: max(weight bytes / memory bandwidth, 2P x batch / FLOP/s) / MFU_decode
                + STEP_OVERHEAD_S (generate()'s own per-token cost), steps = new tokens / batch
@@ -45,9 +47,12 @@ from stratosd.offers import OfferTable, hardware_kind
 FloatArray = NDArray[np.float64]
 
 TINY_PARAMS = 50_000_000  # plugins.trainers.hparams.TINY_MAX_PARAMS: 1 CPU thread by default
-# MFU priors: measured here for CPU fp32 training of a 3.6M model (0.54, bench_train); GPU
-# values are typical bf16 figures, lower for small models that cannot fill the device.
-PRIOR_MFU_CPU = 0.5
+# CPU priors: bench/bench_mfu.py fits step seconds = overhead + FLOPs / (matmul rate x MFU)
+# over four students of 0.14M-3.8M parameters (full SFT, 1 thread, the demo's rows): MFU 0.60,
+# overhead 47 ms per optimizer step, residuals within 5%. GPU values are typical bf16 figures
+# (not measured here), lower for small models that cannot fill the device.
+PRIOR_MFU_CPU = 0.6
+TRAIN_STEP_OVERHEAD_S = {"cpu": 0.047, "gpu": 0.03}
 PRIOR_MFU_GPU = {"<10M": 0.02, "10M-100M": 0.08, "100M-1B": 0.25, "1B-10B": 0.35,
                  ">10B": 0.4}
 MFU_DECODE = 0.5
@@ -150,7 +155,8 @@ def prior_phases(w: JobWork, offer: ServerOffer,
     start = STARTUP_S[kind] + w.weight_bytes / (sp.disk_mbps * 1e6)
     upload = w.artifact_bytes / (sp.upload_mbps * 1e6)
     flops = train_flops(w)
-    train_s = flops / (sp.tflops * 1e12 * devices * eff * mfu)
+    train_s = flops / (sp.tflops * 1e12 * devices * eff * mfu) \
+        + w.train_steps * TRAIN_STEP_OVERHEAD_S[kind]
     rollout = _decode_s(w.params, w.weight_bytes, w.rollout_tokens / 32.0, 32.0, 8, sp, kind) \
         if w.rollout_tokens else 0.0
     eval_s = _decode_s(w.params, w.weight_bytes, w.eval_prompts,
@@ -168,7 +174,8 @@ def prior_phases(w: JobWork, offer: ServerOffer,
         synth_basis = (f"{w.synth_new_tokens:.3g} tokens from API teacher {w.teacher} at "
                        f"{tps:.0f} tokens/s ({src}) x {API_CONCURRENCY} concurrent")
     probe = _decode_s(w.params, w.weight_bytes, PROBE_GENERATIONS, 64, 8, sp, kind)
-    prescreen = PRESCREEN_STEPS * 8 * w.seq_tokens * 6 * w.params / (sp.tflops * 1e12 * mfu)
+    prescreen = PRESCREEN_STEPS * (8 * w.seq_tokens * 6 * w.params / (sp.tflops * 1e12 * mfu)
+                                   + TRAIN_STEP_OVERHEAD_S[kind])
     deploy = _decode_s(w.params, w.weight_bytes, DEPLOY_REQUESTS, DEPLOY_TOKENS, 1, sp, kind)
     phases = [
         Phase("probe", start + probe, "start-up + the teachers' probe generations"),
@@ -178,7 +185,8 @@ def prior_phases(w: JobWork, offer: ServerOffer,
               f"{flops:.3g} FLOPs ({w.train_tokens:.3g} tokens, {w.params / 1e6:.3g}M params, "
               f"{w.trainer}) at {sp.describe()} x {devices} rank(s)"
               + (f" x scaling efficiency {eff:.2f} ({eff_source})" if devices > 1 else "")
-              + f" x MFU {mfu:g}"
+              + f" x MFU {mfu:g} + {w.train_steps} steps x "
+              f"{TRAIN_STEP_OVERHEAD_S[kind] * 1e3:.0f} ms overhead"
               + (f" + rollouts {rollout:.0f} s" if rollout else "")
               + f" + start-up {start:.0f} s + uploads {upload:.1f} s"),
         Phase("evaluate", 2 * start + eval_s,
@@ -199,7 +207,8 @@ def train_loop_prior_s(w: JobWork, offer: ServerOffer,
 
     mfu = PRIOR_MFU_CPU if kind == "cpu" else PRIOR_MFU_GPU[size_bucket(w.params)]
     devices, eff, _src = scaling(sp, w, book)
-    return train_flops(w) / (sp.tflops * 1e12 * devices * eff * mfu)
+    return train_flops(w) / (sp.tflops * 1e12 * devices * eff * mfu) \
+        + w.train_steps * TRAIN_STEP_OVERHEAD_S[kind]
 
 
 def observe_scaling(book: EfficiencyBook, w: JobWork, offer: ServerOffer, ranks: int,

@@ -1,0 +1,146 @@
+"""CPU training speed by student size: where the cost model's CPU training priors come from.
+
+For each student, one `train` job through the agent's child entry point (`python -m
+agents.worker job.json`, exactly what an agent spawns) with the full-sft trainer on the demo's
+rows (Mahjong level 1, `wins` reasoning), rendered in the student's own prompt format, with
+the torch thread count a tiny-student job gets on an agent (1). It prints per student the
+measured seconds per step, tokens/s and MFU (6 x params x tokens/s over this machine's fp32
+matmul rate, measured by the agent's own calibration), then fits
+
+    step seconds = step overhead + 6 x params x tokens per step / (matmul rate x MFU)
+
+by least squares over the students: the per-step overhead (optimizer, framework, small-op
+launch costs that a FLOP count never sees) and the MFU of the FLOP-bound part. The cost
+model's CPU priors (`stratosd.costmodel.model.PRIOR_MFU_CPU` and
+`TRAIN_STEP_OVERHEAD_S["cpu"]`) are these fitted values; rerun this elsewhere to check them.
+
+Run: .venv/bin/python bench/bench_mfu.py [--steps 120] [--students config:... ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TASK = {"name": "mahjong-winning-tiles",
+        "params": {"difficulty": 1, "n_train": 200, "n_test": 4, "derivation": "wins"}}
+STUDENTS = ["config:qwen2-tiny?vocab_size=512", "config:qwen2-small?vocab_size=512",
+            "config:qwen2-base?vocab_size=512", "config:base"]
+
+
+def write_rows(tmp: Path) -> Path:
+    """The demo task's training rows with their reference reasoning, as DataRow JSONL."""
+    import msgspec
+
+    from stratosd.api import DataRow
+    from stratosd.plugins import get_plugins
+
+    task = get_plugins().task(TASK["name"], TASK["params"])
+    rows = []
+    for ex in task.examples("train"):
+        reasoning = task.reference_reasoning(ex.question, ex.answer) or ""
+        rows.append(DataRow(example_id=ex.id, question=ex.question, answer=ex.answer,
+                            reasoning=reasoning, target=task.format_target(reasoning, ex.answer),
+                            teacher="reference", mode="injection", verified=True))
+    path = tmp / "dataset.jsonl"
+    path.write_bytes(b"\n".join(msgspec.json.encode(r) for r in rows) + b"\n")
+    return path
+
+
+def run_train(model: str, data: Path, opts: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One full-sft `train` job through the agent's child entry point; its result."""
+    from agents.runner import worker_argv, worker_env
+    from plugins.models.hf import resolve_model
+
+    work.mkdir(parents=True)
+    params = {"max_steps": opts.steps, "learning_rate": 3e-3,
+              "per_device_train_batch_size": opts.batch, "logging_steps": 10,
+              "max_length": 512, "save_steps": 10 * opts.steps, "cpu_threads": opts.threads}
+    job = {"job_id": work.name, "run_id": "bench", "step": "train", "workdir": str(work),
+           "state_dir": str(work / "state"), "inputs": {"dataset": str(data)},
+           "args": {"model": resolve_model(model), "trainer": "full-sft", "task": TASK,
+                    "params": params, "seed": 0}}
+    (work / "job.json").write_text(json.dumps(job))
+    with (work / "stderr.log").open("w") as err:
+        proc = subprocess.run(worker_argv(work / "job.json"), cwd=ROOT, env=worker_env(),
+                              stdout=subprocess.PIPE, stderr=err, text=True, check=False)
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
+    final = lines[-1] if lines else {}
+    if final.get("kind") != "result":
+        sys.exit(f"train job for {model} failed ({final}); see {work / 'stderr.log'}")
+    return dict(final["result"])
+
+
+def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares of seconds = a + b x flops over (flops per step, seconds per step)."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else my / mx
+    return my - b * mx, b
+
+
+def main() -> None:
+    """Print per student: s/step, tokens/s, MFU; then the fitted overhead and MFU."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--students", nargs="+", default=STUDENTS)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--batch", type=int, default=16, help="the demo's batch")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: what an agent gives a tiny student)")
+    ap.add_argument("--json", action="store_true")
+    opts = ap.parse_args()
+
+    from agents.calibrate import measure
+    from stratosd.costmodel.work import model_shape
+
+    with tempfile.TemporaryDirectory(prefix="bench-mfu-") as d:
+        tmp = Path(d)
+        cap = measure(opts.threads, tmp)
+        rate = cap.matmul_tflops["fp32"] * 1e12
+        data = write_rows(tmp)
+        rows, points = [], []
+        for i, model in enumerate(opts.students):
+            t0 = time.monotonic()
+            res = run_train(model, data, opts, tmp / f"job-{i}")
+            params = model_shape(model).params
+            steps = int(res.get("steps") or opts.steps)
+            step_s = float(res["train_time_s"]) / steps
+            tokens_per_step = float(res["train_tokens"]) / steps
+            flops = 6 * params * tokens_per_step
+            mfu = flops / step_s / rate
+            rows.append({"student": model, "params": params, "step_s": step_s,
+                         "tokens_per_s": tokens_per_step / step_s, "mfu": mfu,
+                         "tokens_per_step": tokens_per_step, "wall_s": time.monotonic() - t0})
+            points.append((flops, step_s))
+            if not opts.json:
+                print(f"{model:<36} {params / 1e6:7.3f}M params  {step_s * 1e3:7.1f} ms/step  "
+                      f"{tokens_per_step / step_s:8.0f} tokens/s  MFU {mfu:.3f}", flush=True)
+        overhead, per_flop = fit(points)
+        fitted_mfu = 1 / (per_flop * rate) if per_flop > 0 else float("nan")
+        out = {"threads": opts.threads, "matmul_gflops_fp32": rate / 1e9, "steps": opts.steps,
+               "batch": opts.batch, "students": rows, "fit": {
+                   "step_overhead_s": overhead, "mfu": fitted_mfu,
+                   "residuals_pct": [100 * ((overhead + per_flop * x) / y - 1)
+                                     for x, y in points]}}
+        if opts.json:
+            print(json.dumps(out))
+            return
+        print(f"\nmatmul fp32 {rate / 1e9:.1f} GFLOP/s on {opts.threads} thread(s) (the agent's "
+              "calibration)")
+        print(f"fit: step overhead {overhead * 1e3:.1f} ms + FLOPs at MFU {fitted_mfu:.3f}; "
+              "residuals " + ", ".join(f"{r:+.0f}%" for r in out["fit"]["residuals_pct"]))
+
+
+if __name__ == "__main__":
+    main()
