@@ -54,6 +54,8 @@ class JobWork(msgspec.Struct, frozen=True, kw_only=True):
     train_tokens: float = 0.0  # tokens trained on (rows x length x epochs, or steps x batch)
     train_steps: int = 0
     rollout_tokens: float = 0.0  # tokens GRPO generates
+    warm_start_tokens: float = 0.0  # tokens GRPO's SFT warm start trains on (before GRPO)
+    warm_start_steps: int = 0  # optimizer steps of that SFT phase
     synth_rows: int = 0
     synth_new_tokens: float = 0.0  # tokens the teacher writes
     synth_prompt_tokens: float = 0.0

@@ -57,6 +57,10 @@ class Constraints(Strict, frozen=True, kw_only=True):
     max_price_usd_per_hour: NonNeg | None = None
     min_gpu_mem_mib: Annotated[int, Meta(ge=0)] = 0
     region: str | None = None
+    # the whole job (every phase still to run, as the cost model estimates it) must finish
+    # within this many hours; when no single server can, the planner proposes a group of
+    # same-region agents (stratosd.groups)
+    deadline_hours: Annotated[float, Meta(gt=0.0, le=10_000.0)] | None = None
 
 
 class ScoreWeights(Strict, frozen=True, kw_only=True):

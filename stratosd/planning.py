@@ -91,7 +91,8 @@ def plan_rows(
             raise TypeError(f"cost model gave no $ estimate for {o.id}")
         row: dict[str, Any] = {
             "id": o.id,
-            "kind": "agent" if o.agent_id else "catalog (no agent)",
+            "kind": (f"group of {len(o.members)} agents" if len(o.members) > 1
+                     else "agent" if o.agent_id else "catalog (no agent)"),
             "gpu": _gpu_label(o),
             "region": o.region,
             "capacity": est.capacity_source,
@@ -116,15 +117,21 @@ def plan_rows(
 
 
 def plan_notes(selection: Selection, live: Sequence[ServerOffer],
-               offers: Sequence[ServerOffer], *, catalog: bool) -> list[str]:
-    """What the plan's reader must know: what submit would use, which picks have no agent."""
+               offers: Sequence[ServerOffer], *, catalog: bool,
+               groups: Sequence[ServerOffer] = ()) -> list[str]:
+    """What the plan's reader must know: what submit would use, which picks have no agent,
+    which groups of live agents the planner proposed (stratosd.groupplan)."""
     notes = [f"planned over {len(live)} live agent(s), what `submit` would use"
              + (f", plus {len(offers) - len(live)} catalog offer(s) one could rent" if catalog
                 else "; add --catalog to include offers one could rent")]
     if not selection.chosen.agent_id:
         notes.append(f"the pick {selection.chosen.id} is a catalog offer that no agent serves "
                      "yet: submit cannot use it until you start stratos-agent there")
-    no_agent = [i for i in selection.pareto_ids if i not in {o.id for o in live}]
+    if groups:
+        notes.append(f"{len(groups)} group(s) of live agents were candidates too: "
+                     + ", ".join(g.id for g in groups[:5]) + (" ..." if len(groups) > 5 else ""))
+    agents = {o.id for o in live} | {g.id for g in groups}
+    no_agent = [i for i in selection.pareto_ids if i not in agents]
     if catalog and no_agent:
         notes.append(f"{len(no_agent)} Pareto-optimal offer(s) have no agent yet: "
                      + ", ".join(no_agent[:5]) + (" ..." if len(no_agent) > 5 else ""))

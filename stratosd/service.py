@@ -148,11 +148,13 @@ class ControlService:
         await asyncio.to_thread(d.costs.check_given, spec, offers, force=force)
         if not len(offers):
             return  # select_server says so, once the run starts
+        from stratosd.groupplan import plan_select
+
         selector = d.plugins.selectors.get(spec.selector)(spec.selector_params)
-        try:
+        try:  # as select_server will: groups when train.nodes or the deadline asks for one
             costing = await asyncio.to_thread(d.costs.costing, spec)
-            await asyncio.to_thread(selector.select, offers, spec.constraints, costing=costing,
-                                    seed=spec.seed)
+            await asyncio.to_thread(plan_select, selector, offers, spec, costing,
+                                    plugins=d.plugins)
         except Infeasible as exc:
             if exc.field != "constraints.busy":
                 raise
@@ -161,6 +163,7 @@ class ControlService:
         import asyncio
 
         from stratosd import planning
+        from stratosd.groupplan import plan_select
         from stratosd.offers import OfferTable
 
         d = self.d
@@ -173,10 +176,12 @@ class ControlService:
                   else live)
         await asyncio.to_thread(d.costs.check_given, spec, offers, force=cmd.force)
         costing = await asyncio.to_thread(d.costs.costing, spec)
-        selection = await asyncio.to_thread(
-            selector.select, offers, spec.constraints, costing=costing, seed=spec.seed)
-        rows = planning.plan_rows(selection, offers, spec.constraints, costing)
-        notes = planning.plan_notes(selection, live, offers, catalog=cmd.catalog)
+        planned = await asyncio.to_thread(plan_select, selector, offers, spec, costing,
+                                          plugins=d.plugins)
+        rows = planning.plan_rows(planned.selection, planned.offers, spec.constraints, costing)
+        selection = planned.selection
+        notes = planning.plan_notes(selection, live, offers, catalog=cmd.catalog,
+                                    groups=planned.offers[len(offers):])
         return PlanReply(selection=selection, rows=rows, work=costing.work,
                          estimate=costing.estimate(selection.chosen), notes=notes,
                          source="stratosd")

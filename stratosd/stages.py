@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import structlog
 
 from schemas import subjects
@@ -30,11 +31,11 @@ from stratosd.costmodel.costs import STAGE_PHASE, CostModel
 from stratosd.dispatch import Dispatcher, Outcome
 from stratosd.errors import AgentUnavailable, ConfigError, Infeasible, RemoteError
 from stratosd.fleet import Fleet
+from stratosd.groupplan import Plan, plan_select
 from stratosd.groups import (
     GROUP_KEYS,
     GroupJob,
     group_offer,
-    group_offers,
     nodes_asked,
     train_group,
 )
@@ -74,15 +75,30 @@ def stage_params(ctx: StageRun, key: str) -> dict[str, Any]:
 
 async def select(ctx: StageRun, offers: Sequence[ServerOffer]) -> Any:
     """Run the job's selector over offers with the run's costing, in a thread (the work
-    estimate reads the task data; big fleets take a few ms)."""
+    estimate reads the task data; big fleets take a few ms). One server: a stand-in for the
+    stages after select_server, which planned the deadline (and any group) already."""
+    svc = services(ctx)
+    selector = svc.plugins.selectors.get(ctx.spec.selector)(ctx.spec.selector_params)
+    phases = [STAGE_PHASE[s] for s in STAGE_PHASE if s not in ctx.run.results]
+    constraints = msgspec.structs.replace(ctx.spec.constraints, deadline_hours=None)
+
+    def pick() -> Any:
+        costing = svc.costs.costing(ctx.spec, ctx.run, phases=phases)
+        return selector.select(offers, constraints, costing=costing, seed=ctx.spec.seed)
+
+    return await asyncio.to_thread(pick)
+
+
+async def plan(ctx: StageRun, offers: Sequence[ServerOffer]) -> Plan:
+    """select_server's choice: a server, or a group of them when the job asks for one
+    (train.nodes) or its deadline needs one (see stratosd.groupplan)."""
     svc = services(ctx)
     selector = svc.plugins.selectors.get(ctx.spec.selector)(ctx.spec.selector_params)
     phases = [STAGE_PHASE[s] for s in STAGE_PHASE if s not in ctx.run.results]
 
-    def pick() -> Any:
+    def pick() -> Plan:
         costing = svc.costs.costing(ctx.spec, ctx.run, phases=phases)
-        return selector.select(offers, ctx.spec.constraints, costing=costing,
-                               seed=ctx.spec.seed)
+        return plan_select(selector, offers, ctx.spec, costing, plugins=svc.plugins)
 
     return await asyncio.to_thread(pick)
 
@@ -204,16 +220,15 @@ async def select_server(ctx: StageRun) -> dict[str, Any]:
     busy with another run's training, wait in the queue instead of failing."""
     svc = services(ctx)
     waited = 0.0
-    nodes, _min_nodes = nodes_asked(ctx.spec.train)
+    nodes_asked(ctx.spec.train)  # a bad train.nodes fails here, before any queueing
     while True:
         offers: Sequence[ServerOffer] = svc.fleet.table()
         if not len(offers):
             raise Infeasible("no live agent to run on",
                              hint="start stratos-agent on a host (see README), then resubmit")
-        try:
-            if nodes > 1:  # train.nodes = N: groups of N agents, each scored as one server
-                offers = group_offers(offers, nodes)
-            selection = await select(ctx, offers)
+        try:  # groups of agents when train.nodes or the deadline asks for one
+            planned = await plan(ctx, offers)
+            selection, offers = planned.selection, planned.offers
             break
         except Infeasible as exc:
             if exc.field != "constraints.busy":
@@ -231,8 +246,8 @@ async def select_server(ctx: StageRun) -> dict[str, Any]:
     estimate = costing.estimate(chosen)
     loop = svc.costs.loop_estimate(costing.work, chosen, ctx.spec.est_train_hours)
     return checked(ctx.stage, SelectServerResult(
-        selection=selection, agent_id=chosen.agent_id, offers=list(offers), work=costing.work,
-        estimate=estimate, train_loop_estimate=loop, queued_s=waited))
+        selection=selection, agent_id=chosen.agent_id or chosen.id, offers=list(offers),
+        work=costing.work, estimate=estimate, train_loop_estimate=loop, queued_s=waited))
 
 
 async def costed(ctx: StageRun, result: dict[str, Any], measured_s: float) -> dict[str, Any]:

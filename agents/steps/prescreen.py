@@ -13,6 +13,9 @@ Per student: memory fit on the offer → few-shot accuracy (the paper's capacity
 `plugins.students.screen` drops a student that cannot learn the format (its loss does not
 drop, or its answers confidently never parse); the estimate it reports is the held-out
 accuracy after the trial with a Wilson 95% interval. Keeping one anyway is the daemon's call.
+A job's `quantization = "4bit"` is sized 4-bit on the offer (the server that will train); on a
+host that cannot load a 4-bit base the trial trains the same adapters unquantized, and the
+candidate's reason and `settings.trial_quantization` say so.
 
 Why these defaults: 24 held-out examples are enough to rule a student out (0/24 parsed has
 a 95% upper bound of 14%, below min_format_rate 20%; 16 is the least that can) and give an
@@ -130,13 +133,17 @@ def run(ctx: StepContext) -> dict[str, Any]:
                                min_format_rate=float(args["min_format_rate"]))
     trainer = screen.trial_trainer(str(args["trainer"]), args["trial_trainer"])
 
-    fitted = cand.fit(
+    fitted = cand.fit(  # the target server's memory, as the job will train there
         students, offer, trainer=args["trainer"],
         seq_len=int(train.get("max_length", 512)),
         batch_size=int(train.get("per_device_train_batch_size", 8)),
         lora_r=int(train.get("lora_r", 16)),
         gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
+        quantization=str(train.get("quantization", "none")),
     )
+    trial_train, trial_note = screen.trial_train_params(train, cuda=_cuda())
+    if trial_note and steps > 0:
+        log.info("prescreen_trial_changed", note=trial_note)
     sample, pool = _split(task, int(args["sample_size"]), k, steps > 0)
     shots, rows = _shots_and_rows(ctx, task, k, pool, {ex.question for ex in sample})
     max_new = int(args["max_new_tokens"] or _max_new_tokens(task, shots))
@@ -160,9 +167,11 @@ def run(ctx: StepContext) -> dict[str, Any]:
         if steps > 0 and rows is not None and sample:
             trial = screen.run_trial(
                 c.model, task, rows, sample, ctx.state_dir / f"probe-{i}", steps=steps,
-                trainer=trainer, train=train, max_new_tokens=max_new, seed=int(args["seed"]),
+                trainer=trainer, train=trial_train, max_new_tokens=max_new,
+                seed=int(args["seed"]),
                 train_deadline=t0 + budget * 3 / 4, eval_deadline=t0 + budget,
                 n_params=c.params_m * 1e6, should_stop=ctx.should_stop)
+            note += f"; {trial_note}" if trial_note else ""
         elif steps > 0:
             note += "; no trial: no held-out examples or no trial data"
         est = screen.trial_estimate(trial) if trial is not None and trial.n else few_est
@@ -188,7 +197,9 @@ def run(ctx: StepContext) -> dict[str, Any]:
             "shots": len(shots), "sample_size": len(sample),
             "prediction": None if prediction is None else msgspec.to_builtins(prediction),
             "settings": {"sample_size": len(sample), "probe_steps": steps,
-                         "trial_trainer": trainer, "min_accuracy": limits.min_accuracy,
+                         "trial_trainer": trainer,
+                         "trial_quantization": str(trial_train.get("quantization", "none")),
+                         "min_accuracy": limits.min_accuracy,
                          "min_loss_drop": limits.min_loss_drop,
                          "min_format_rate": limits.min_format_rate,
                          "time_budget_s": budget}}
@@ -206,6 +217,12 @@ def _reason(kept: bool, why: str, fit_reason: str, few: AccuracyEstimate, trial:
                      f"{drop}, held-out accuracy {describe(est)}"
                      + ("; cut short by time_budget_s" if trial.stopped_by_time else ""))
     return "; ".join(parts)
+
+
+def _cuda() -> bool:
+    from plugins.trainers.common import cuda_available
+
+    return cuda_available()
 
 
 def _max_new_tokens(task: Any, shots: list[Any]) -> int:

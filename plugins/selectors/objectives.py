@@ -20,7 +20,9 @@ daemon's budget, `stratosctl plan` and the report use:
 Hard constraints come first: each active constraint removes the offers that break it (an
 offer is charged to the first constraint it breaks, in `CONSTRAINT_ORDER`), and when nothing
 is left, `Infeasible` names the binding constraint and the nearest option. A server busy with
-another run's training (`offer.busy`) is removed by `busy`.
+another run's training (`offer.busy`) is removed by `busy`. `deadline_hours` removes the offers
+whose estimated time for the job (the same hours as C) is longer; the planner adds groups of
+agents to the offers when no single server is fast enough (`stratosd.groups.plan_select`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ IntArray = NDArray[np.int64]
 
 CONSTRAINT_ORDER = (
     "status", "busy", "region", "min_gpu_mem_mib", "max_price_usd_per_hour", "latency_known",
-    "max_latency_ms", "budget_usd",
+    "max_latency_ms", "deadline_hours", "budget_usd",
 )
 _PRUNE_GRID = 32  # bands per axis of the pruning grid (independent of PFG's K)
 _PRUNE_MIN = 2048  # below this many rows the exact sweep alone is faster
@@ -161,7 +163,7 @@ def filter_offers(
     price, known = table.price, table.latency_known
     latency = table.latency_ms
     job = costs.total_usd
-    checks = _checks(table, constraints, job)
+    checks = _checks(table, constraints, job, hours)
     left = np.ones(len(table), dtype=bool)
     removed: dict[str, list[str]] = {}
     for name, ok, _gap in checks:
@@ -169,7 +171,7 @@ def filter_offers(
         removed[name] = table.ids[gone].tolist()
         left &= ok
     if not left.any():
-        raise _infeasible(table, constraints, checks, job, hardware, latency)
+        raise _infeasible(table, constraints, checks, job, hardware, latency, hours)
     idx = np.flatnonzero(left).astype(np.int64)
     lat = latency[idx]
     unknown = ~known[idx]
@@ -183,7 +185,7 @@ def filter_offers(
 
 
 def _checks(
-    t: OfferTable, c: Constraints, job: FloatArray
+    t: OfferTable, c: Constraints, job: FloatArray, hours: FloatArray
 ) -> list[tuple[str, BoolArray, FloatArray]]:
     """(constraint, passes, relative shortfall) for each active constraint, in order."""
     out: list[tuple[str, BoolArray, FloatArray]] = []
@@ -206,6 +208,8 @@ def _checks(
     if c.max_latency_ms is not None:
         out.append(("latency_known", t.latency_known, cat))
         numeric("max_latency_ms", t.latency_ms, c.max_latency_ms, upper=True)
+    if c.deadline_hours is not None:
+        numeric("deadline_hours", hours, c.deadline_hours, upper=True)
     if c.budget_usd is not None:
         numeric("budget_usd", job, c.budget_usd, upper=True)
     return out
@@ -218,6 +222,7 @@ def _infeasible(
     job: FloatArray,
     hardware: FloatArray,
     latency: FloatArray,
+    hours: FloatArray,
 ) -> Infeasible:
     """The nearest option breaks the fewest constraints, then by the smallest shortfall."""
     fails = np.column_stack([~ok for _n, ok, _g in checks])
@@ -232,6 +237,7 @@ def _infeasible(
     what = {
         "budget_usd": f"${job[best]:.2f} for this job",
         "max_latency_ms": f"{latency[best]:.0f} ms latency",
+        "deadline_hours": f"{hours[best]:.3g} h for this job",
         "max_price_usd_per_hour": f"${offer.price_usd_per_hour:.2f}/h",
         "min_gpu_mem_mib": f"{offer.gpu_mem_mib if offer.gpu_count else 0} MiB per GPU",
         "region": f"region {offer.region or '?'}",
@@ -241,7 +247,8 @@ def _infeasible(
     }
     if len(names) == 1:
         name = names[0]
-        message, hint = _single_message(name, c, offer, float(job[best]), float(latency[best]))
+        message, hint = _single_message(name, c, offer, float(job[best]), float(latency[best]),
+                                        float(hours[best]))
     else:
         listed = " and ".join(names)
         needs = ", ".join(f"{n}: {what[n]}" for n in names)
@@ -254,9 +261,18 @@ def _infeasible(
 
 
 def _single_message(
-    name: str, c: Constraints, offer: ServerOffer, job: float, latency: float
+    name: str, c: Constraints, offer: ServerOffer, job: float, latency: float, hours: float
 ) -> tuple[str, str]:
     oid = offer.id
+    if name == "deadline_hours":
+        what = f"group {oid}" if len(offer.members) > 1 else oid
+        return (
+            f"deadline {c.deadline_hours:g} h too short: the fastest option meeting the other "
+            f"constraints takes {hours:.3g} h for this job ({what})",
+            f"raise deadline_hours to at least {math.ceil(hours * 100) / 100:g}, start more "
+            "agents in one region (the planner considers groups of same-region agents), or "
+            "make the job smaller; `stratosctl plan` shows each option's time",
+        )
     if name == "budget_usd":
         return (
             f"budget ${c.budget_usd:.2f} too low: the cheapest server meeting the other "

@@ -276,9 +276,11 @@ def fit(
     batch_size: int = 8,
     lora_r: int = 16,
     gradient_checkpointing: bool = False,
+    quantization: str = "none",
     headroom: float = 0.9,
 ) -> list[StudentCandidate]:
-    """Each student with its memory estimate, and whether it trains and serves on the offer."""
+    """Each student with its memory estimate, and whether it trains and serves on the offer
+    (the job's settings; a student's own params win over them)."""
     cap, what = capacity_mib(offer)
     gpu = offer.gpu_count > 0
     out = []
@@ -291,21 +293,23 @@ def fit(
             out.append(StudentCandidate(model=ref, fits=False, kept=False,
                                         reason=f"cannot size {ref}: {exc}"))
             continue
-        est = estimate_memory(
-            dims, trainer=trainer, runtime_mib=GPU_RUNTIME_MIB if gpu else 0.0,
-            **student_memory_kwargs(sp, gpu=gpu, seq_len=seq_len, batch_size=batch_size,
-                                    lora_r=lora_r, gradient_checkpointing=gradient_checkpointing),
-        )
+        kw = student_memory_kwargs({"quantization": quantization, **sp}, gpu=gpu,
+                                   seq_len=seq_len, batch_size=batch_size, lora_r=lora_r,
+                                   gradient_checkpointing=gradient_checkpointing)
+        est = estimate_memory(dims, trainer=trainer,
+                              runtime_mib=GPU_RUNTIME_MIB if gpu else 0.0, **kw)
+        base = " (4-bit base)" if trainer == "lora-sft" and kw["quantization"] == "4bit" else ""
         usable = cap * headroom
         if est["train_mib"] > usable:
             fits, reason = False, (
-                f"needs {_mib(est['train_mib'])} to train, server has {_mib(cap)} {what}"
+                f"needs {_mib(est['train_mib'])} to train{base}, server has {_mib(cap)} {what}"
                 + (f" ({_mib(usable)} usable at {headroom:.0%})" if headroom < 1 else ""))
         elif est["serve_mib"] > usable:
             fits, reason = False, (f"needs {_mib(est['serve_mib'])} to serve, server has "
                                    f"{_mib(cap)} {what}")
         else:
-            fits, reason = True, (f"fits: {_mib(est['train_mib'])} to train of {_mib(cap)} {what}")
+            fits, reason = True, (f"fits: {_mib(est['train_mib'])} to train{base} of "
+                                  f"{_mib(cap)} {what}")
         out.append(StudentCandidate(
             model=ref, params_m=round(dims.n_params / 1e6, 3),
             est_train_mem_mib=est["train_mib"], est_serve_mem_mib=est["serve_mib"],

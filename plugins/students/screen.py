@@ -23,7 +23,11 @@ always zero for a random-init model. So, per student, after the few-shot screen:
   decides how much to demand).
 
 The estimate is the held-out accuracy after the trial with its Wilson interval (few-shot
-when no trial ran). Heavy imports happen inside functions.
+when no trial ran). The trial is a capacity screen, not the training: where the job asks for a
+4-bit (QLoRA) base and this host cannot load one (no CUDA, no bitsandbytes), the trial trains
+the same adapters on the full-precision base and says so (`trial_train_params`); the memory
+fit still sizes the 4-bit base for the target server, and training 4-bit on such a host is
+still refused. Heavy imports happen inside functions.
 """
 
 from __future__ import annotations
@@ -112,6 +116,20 @@ def trial_params(trainer_cls: Any, train: dict[str, Any]) -> dict[str, Any]:
     keep = set(COMMON_PARAMS) | set(getattr(trainer_cls, "extra_params", {}) or {})
     skip = {"save_steps", "max_steps", "num_train_epochs", "save_total_limit"}
     return {k: v for k, v in train.items() if k in keep and k not in skip}
+
+
+def trial_train_params(train: dict[str, Any], *, cuda: bool) -> tuple[dict[str, Any], str]:
+    """The job's params for the trial on this host, and what the trial changed ('' when
+    nothing): a 4-bit base this host cannot load becomes the full-precision one (same LoRA
+    rank and targets), since the trial measures what the student can learn, not the kernels."""
+    from plugins.trainers.precision import qlora_unavailable
+
+    if train.get("quantization") != "4bit":
+        return dict(train), ""
+    why = qlora_unavailable(cuda=cuda)
+    if why is None:
+        return dict(train), ""
+    return {**train, "quantization": "none"}, f"trial ran without 4-bit quantization: {why}"
 
 
 @contextmanager

@@ -87,16 +87,14 @@ def quantization_of(params: Mapping[str, Any]) -> str:
 
 def check_qlora(*, cuda: bool) -> None:
     """ConfigError without CUDA, MissingDependency without bitsandbytes (hint: the extra)."""
+    if precision.qlora_unavailable(cuda=cuda) is None:
+        return
     if not cuda:
         raise ConfigError("quantization = \"4bit\" (QLoRA) needs a CUDA GPU; this host has none "
                           "(bitsandbytes' 4-bit kernels run on CUDA)", hint=QLORA_HINT,
                           field="train.quantization")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise MissingDependency("quantization = \"4bit\" (QLoRA) needs bitsandbytes, which is "
-                                "not installed", hint=QLORA_HINT,
-                                field="train.quantization") from None
+    raise MissingDependency("quantization = \"4bit\" (QLoRA) needs bitsandbytes, which is "
+                            "not installed", hint=QLORA_HINT, field="train.quantization")
 
 
 def load_4bit(ref: str, *, seed: int, checkpointing: bool) -> tuple[Any, Any]:

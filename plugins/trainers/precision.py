@@ -80,6 +80,18 @@ def device_bf16_supported() -> bool:
     return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
+def qlora_unavailable(*, cuda: bool) -> str | None:
+    """Why this host cannot train on a 4-bit (NF4) base, in a few words; None when it can
+    (bitsandbytes' 4-bit kernels need CUDA, and `stratos[qlora]` installs bitsandbytes)."""
+    if not cuda:
+        return "no CUDA here"
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "bitsandbytes is not installed here (stratos[qlora])"
+    return None
+
+
 def for_params(params: dict[str, Any], *, cuda: bool, mixed: bool | None = None) -> Precision:
     """The run's precision from its params (`bf16` asks for mixed precision on a GPU)."""
     want = bool(params.get("bf16", False)) if mixed is None else mixed

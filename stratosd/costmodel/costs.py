@@ -135,6 +135,10 @@ class CostModel:
             self.book.observe(k, prior.seconds, measured_s)
         if phase == "train" and k:
             loop = result.get("train_time_s")
+            warm = result.get("warm_start")  # GRPO: its SFT warm start is timed on its own
+            if isinstance(loop, int | float) and isinstance(warm, dict) and \
+                    not warm.get("reused") and isinstance(warm.get("train_time_s"), int | float):
+                loop = float(loop) + float(warm["train_time_s"])  # the loop estimate has both
             ranks = result.get("ranks")
             if isinstance(loop, int | float) and loop > 0 and isinstance(ranks, int) \
                     and ranks > 1:  # what N ranks achieved: the scaling record, not one rank's

@@ -5,9 +5,12 @@ Per phase, on one server (speeds per device from `capacity.offer_speed`, work fr
 
     train      FLOPs = T x (6P + 6 L h s)          full SFT, GRPO's training part
                FLOPs = T x (4P + 6 P_lora + 6 L h s)   LoRA (no weight gradients for frozen P)
+               T counts GRPO's SFT warm start too (its tokens train the same weights, LoRA or
+               full, on rows of the same length)
                seconds = FLOPs / (TFLOP/s x 1e12 x ranks x scaling efficiency(ranks) x MFU)
                + optimizer steps x TRAIN_STEP_OVERHEAD_S (framework, optimizer and small-op
-               costs no FLOP count sees: most of a tiny student's step on CPU)
+               costs no FLOP count sees: most of a tiny student's step on CPU; the warm
+               start's steps included)
                + GRPO rollouts (decode, below) + a child's start-up and checkpoint uploads
     decode     per step: max(weight bytes / memory bandwidth, 2P x batch / FLOP/s) / MFU_decode
                + STEP_OVERHEAD_S (generate()'s own per-token cost), steps = new tokens / batch
@@ -99,11 +102,16 @@ def _decode_s(params: float, weight_bytes: float, sequences: float, new_tokens: 
 
 
 def train_flops(w: JobWork) -> float:
-    """FLOPs of training (see the module docstring)."""
+    """FLOPs of training, GRPO's SFT warm start included (see the module docstring)."""
     attention = 6.0 * w.layers * w.hidden * w.seq_tokens
     lora = w.trainable_params < w.params
     dense = (4.0 * w.params + 6.0 * w.trainable_params) if lora else 6.0 * w.params
-    return w.train_tokens * (dense + attention)
+    return (w.train_tokens + w.warm_start_tokens) * (dense + attention)
+
+
+def train_steps(w: JobWork) -> int:
+    """Optimizer steps that pay the per-step overhead: the warm start's and training's."""
+    return w.train_steps + w.warm_start_steps
 
 
 def ranks_used(w: JobWork, sp: Speed) -> int:
@@ -156,7 +164,7 @@ def prior_phases(w: JobWork, offer: ServerOffer,
     upload = w.artifact_bytes / (sp.upload_mbps * 1e6)
     flops = train_flops(w)
     train_s = flops / (sp.tflops * 1e12 * devices * eff * mfu) \
-        + w.train_steps * TRAIN_STEP_OVERHEAD_S[kind]
+        + train_steps(w) * TRAIN_STEP_OVERHEAD_S[kind]
     rollout = _decode_s(w.params, w.weight_bytes, w.rollout_tokens / 32.0, 32.0, 8, sp, kind) \
         if w.rollout_tokens else 0.0
     eval_s = _decode_s(w.params, w.weight_bytes, w.eval_prompts,
@@ -182,10 +190,13 @@ def prior_phases(w: JobWork, offer: ServerOffer,
         Phase("prescreen", start + prescreen, f"start-up + {PRESCREEN_STEPS} pre-screen steps"),
         Phase("synthesis", start + synth, synth_basis),
         Phase("train", start + train_s + rollout + upload,
-              f"{flops:.3g} FLOPs ({w.train_tokens:.3g} tokens, {w.params / 1e6:.3g}M params, "
+              f"{flops:.3g} FLOPs ({w.train_tokens + w.warm_start_tokens:.3g} tokens"
+              + (f" incl. {w.warm_start_tokens:.3g} of the SFT warm start"
+                 if w.warm_start_tokens else "")
+              + f", {w.params / 1e6:.3g}M params, "
               f"{w.trainer}) at {sp.describe()} x {devices} rank(s)"
               + (f" x scaling efficiency {eff:.2f} ({eff_source})" if devices > 1 else "")
-              + f" x MFU {mfu:g} + {w.train_steps} steps x "
+              + f" x MFU {mfu:g} + {train_steps(w)} steps x "
               f"{TRAIN_STEP_OVERHEAD_S[kind] * 1e3:.0f} ms overhead"
               + (f" + rollouts {rollout:.0f} s" if rollout else "")
               + f" + start-up {start:.0f} s + uploads {upload:.1f} s"),
@@ -208,7 +219,7 @@ def train_loop_prior_s(w: JobWork, offer: ServerOffer,
     mfu = PRIOR_MFU_CPU if kind == "cpu" else PRIOR_MFU_GPU[size_bucket(w.params)]
     devices, eff, _src = scaling(sp, w, book)
     return train_flops(w) / (sp.tflops * 1e12 * devices * eff * mfu) \
-        + w.train_steps * TRAIN_STEP_OVERHEAD_S[kind]
+        + train_steps(w) * TRAIN_STEP_OVERHEAD_S[kind]
 
 
 def observe_scaling(book: EfficiencyBook, w: JobWork, offer: ServerOffer, ranks: int,
@@ -363,7 +374,8 @@ class JobCosting:
                     " h on 1x A100 80GB scaled by that server's training speed (given), plus "
                     f"{GIVEN_SETUP_S / 3600:g} h set-up.")
         return (f"Job cost = $/h x the time of phases {', '.join(self.phases)} on that server "
-                f"(work from the job: {w.train_tokens:.3g} training tokens on "
+                f"(work from the job: {w.train_tokens + w.warm_start_tokens:.3g} training "
+                "tokens on "
                 f"{w.params / 1e6:.3g}M params with {w.trainer}; speed measured by the agent or "
                 "from the capacity table; efficiency learned from past runs)"
                 + (f" + ${self.api_usd():.4f} for the API teacher" if self.api_usd() else "")

@@ -17,6 +17,11 @@ the same words for the plan and the report):
 - synthesis: rows x tries x max_new_tokens written by the teacher; a remote API teacher is
   billed per token at its price (`plugins.teachers.common.price_for`), and one with no known
   price is refused unless the job gives it;
+- GRPO's warm start: with `warm_start = "auto"` (the default) GRPO first runs SFT on the rows
+  (`plugins.trainers.grpo`: LoRA-SFT when `lora_r` > 0, else full SFT, with the SFT trainer's
+  batch unless the job sets one): rows x row length for one pass (`sft_steps = -1`), or
+  sft_steps x batch x row length; none with "none", a given warm-start path, or a student that
+  is already an adapter. Its tokens and steps are `JobWork.warm_start_tokens`/`_steps`;
 - evaluation: test prompts x max_new_tokens, twice (before and after training);
 - devices: the ranks the trainer launches (`ranks`; 0, the default, is every device of the
   server, which the cost model caps per offer); 1 for a trainer that runs on one device. The
@@ -269,7 +274,8 @@ def estimate_work(
     else:
         notes["row_length"] = f"{row_chars:.0f} chars per row, measured on the synthesised data"
     max_len = _int(p.get("max_length"), 512)
-    row_tokens = min(overhead + row_chars * per_char + extra, float(max_len))
+    full_row = overhead + row_chars * per_char + extra
+    row_tokens = min(full_row, float(max_len))
     n_rows = rows if rows is not None else sample.train_rows
     notes["rows"] = (f"{n_rows} rows kept by synthesis" if rows is not None
                      else f"{n_rows} training rows of the task")
@@ -280,10 +286,13 @@ def estimate_work(
     lora_r = _int(p.get("lora_r"), 0)
     lora = spec.trainer == "lora-sft" or (spec.trainer == "grpo" and lora_r > 0)
     trainable = (lora_r * shape.layers * 12 * shape.hidden if lora else shape.params)
-    rollout = 0.0
+    rollout = warm_tokens = 0.0
+    warm_steps = 0
     if spec.trainer == "grpo":
         rollout = float(steps * _int(p.get("per_device_train_batch_size"), 4)
                         * _int(p.get("max_completion_length"), 32))
+        warm_tokens, warm_steps = warm_start_work(spec, chosen.model, shape.params, p, n_rows,
+                                                  full_row, notes)
     tries = _int(syn.get("tries"), 4)
     synth_rows = sample.train_rows
     teacher = spec.teachers[0]
@@ -313,6 +322,7 @@ def estimate_work(
         weight_bytes=shape.params * BYTES[dtype], hidden=shape.hidden, layers=shape.layers,
         seq_tokens=row_tokens, trainer=spec.trainer, dtype=dtype,
         train_tokens=tokens, train_steps=steps, rollout_tokens=rollout,
+        warm_start_tokens=warm_tokens, warm_start_steps=warm_steps,
         synth_rows=synth_rows * tries, synth_new_tokens=float(synth_rows * tries * max_new),
         synth_prompt_tokens=float(synth_rows * tries * sample.prompt_chars * tpc),
         teacher=teacher.label, teacher_local=not remote, teacher_params=teacher_params,
@@ -321,6 +331,42 @@ def estimate_work(
         artifact_bytes=shape.params * 4 * (3 if not lora else 1),
         devices=train_ranks(spec, p, plugins, notes), notes=notes,
     )
+
+
+def warm_start_work(spec: RunSpec, student: str, params: float, p: Mapping[str, Any],
+                    rows: int, row_tokens: float, notes: dict[str, str]) -> tuple[float, int]:
+    """(tokens, optimizer steps) of GRPO's SFT warm start, as `plugins.trainers.grpo` runs it:
+    the SFT trainer's size defaults, the job's shared params, `sft_steps` or one pass."""
+    from plugins.trainers.grpo import SHARED_SFT_PARAMS, WARM_DEFAULTS
+    from plugins.trainers.hparams import size_defaults
+
+    choice = p.get("warm_start", WARM_DEFAULTS["warm_start"])
+    if choice == "none":
+        notes["warm_start"] = "none (warm_start = \"none\"): GRPO starts from the student"
+        return 0.0, 0
+    if choice != "auto":
+        notes["warm_start"] = f"from {choice} (given): no SFT phase"
+        return 0.0, 0
+    if (Path(student).expanduser() / "adapter_config.json").is_file():
+        notes["warm_start"] = f"none: the student {student} is an SFT adapter GRPO starts from"
+        return 0.0, 0
+    sft = "lora-sft" if _int(p.get("lora_r"), 0) > 0 else "full-sft"
+    q = {**size_defaults(int(params), sft),
+         **{k: v for k, v in _train_params(spec).items() if k in SHARED_SFT_PARAMS}}
+    batch = max(_int(q.get("per_device_train_batch_size"), 8)
+                * _int(q.get("gradient_accumulation_steps"), 1), 1)
+    length = min(row_tokens, float(_int(q.get("max_length"), 512)))
+    sft_steps = _int(p.get("sft_steps"), WARM_DEFAULTS["sft_steps"])
+    if sft_steps > 0:
+        tokens, steps = float(sft_steps * batch * length), sft_steps
+        how = f"sft_steps {sft_steps} x batch {batch} x {length:.0f} tokens"
+    else:
+        tokens, steps = float(rows * length), math.ceil(rows / batch)
+        how = f"one pass: {rows} rows x {length:.0f} tokens, {steps} steps of batch {batch}"
+    notes["warm_start"] = (f"SFT warm start ({sft}, warm_start = \"auto\") before GRPO: {how} "
+                           f"= {tokens:.3g} tokens (assumes the rows have targets, as "
+                           "synthesised rows do)")
+    return tokens, steps
 
 
 def train_ranks(spec: RunSpec, p: Mapping[str, Any], plugins: Plugins,

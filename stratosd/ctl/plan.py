@@ -48,6 +48,7 @@ def main(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         from stratosd.costmodel.costs import CostModel
+        from stratosd.groupplan import plan_select
         from stratosd.plugins import Plugins
 
         plugins = Plugins()
@@ -59,8 +60,8 @@ def main(args: argparse.Namespace) -> int:
                 spec.selector_params if name == spec.selector else {})
             costs.check_given(spec, offers, force=args.force)
             costing = costs.costing(spec)
-            selection = selector.select(offers, spec.constraints, costing=costing,
-                                        seed=spec.seed)
+            planned = plan_select(selector, offers, spec, costing, plugins=plugins)
+            selection, offers = planned.selection, list(planned.offers)
             rows = planning.plan_rows(selection, offers, spec.constraints, costing)
             work, estimate = costing.work, costing.estimate(selection.chosen)
             notes = ["offline: catalog offers only, prior estimates (no learned history)"]

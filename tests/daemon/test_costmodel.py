@@ -19,6 +19,7 @@ from schemas.telemetry import Capacity
 from stratosd.costmodel import JobCosting
 from stratosd.costmodel.costs import CostModel
 from stratosd.costmodel.learn import EfficiencyBook, posterior
+from stratosd.costmodel.model import train_loop_prior_s
 from stratosd.costmodel.work import estimate_work, model_shape
 from stratosd.errors import ConfigError
 from stratosd.plugins import Plugins
@@ -94,6 +95,42 @@ def test_training_work_comes_from_the_job(plugins: Plugins) -> None:
                           plugins, rows=100, row_chars=150.0)
     # char-level: one token per character + the eos the trainer appends
     assert fewer.train_tokens == pytest.approx(100 * 2 * (150.0 + 1))
+
+
+def test_grpo_warm_start_sft_is_training_work(plugins: Plugins, tmp_path: Path) -> None:
+    from stratosd.costmodel.model import TRAIN_STEP_OVERHEAD_S, train_flops, train_loop_prior_s
+
+    char = [{"model": "config:small"}]  # char-level: a 150-char row is 151 tokens (eos)
+    train = {**msgspec.to_builtins(parse_spec_toml(DEMO))["train"], "max_steps": 20}
+
+    def work(**over: Any) -> Any:
+        s = spec(trainer="grpo", students=char, train={**train, **over})
+        return estimate_work(s, plugins, rows=100, row_chars=150.0)
+
+    auto, none = work(), work(warm_start="none")
+    # one pass over the 100 rows at the job's batch (16, shared with the SFT phase)
+    assert auto.warm_start_tokens == pytest.approx(100 * 151) and auto.warm_start_steps == 7
+    assert none.warm_start_tokens == 0 and none.warm_start_steps == 0
+    assert auto.train_tokens == none.train_tokens and auto.train_steps == none.train_steps
+    per_token = train_flops(none) / none.train_tokens
+    assert train_flops(auto) - train_flops(none) == pytest.approx(100 * 151 * per_token)
+    rate = train_flops(none) / (train_loop_prior_s(none, CPU)
+                                - none.train_steps * TRAIN_STEP_OVERHEAD_S["cpu"])
+    assert train_loop_prior_s(auto, CPU) == pytest.approx(
+        train_flops(auto) / rate + (20 + 7) * TRAIN_STEP_OVERHEAD_S["cpu"])
+    assert "SFT warm start" in auto.notes["warm_start"] and "100 rows" in auto.notes["warm_start"]
+    assert "none" in none.notes["warm_start"]
+    with_sft, without = (next(p for p in JobCosting(w).estimate(CPU).phases
+                              if p.phase == "train") for w in (auto, none))
+    assert with_sft.seconds.value > without.seconds.value
+    assert "SFT warm start" in with_sft.basis
+    # sft_steps x batch x row; LoRA warm start (lora_r > 0) likewise; a given start: none
+    steps = work(sft_steps=5, lora_r=4)
+    assert steps.warm_start_tokens == pytest.approx(5 * 16 * 151)
+    assert steps.warm_start_steps == 5 and "lora-sft" in steps.notes["warm_start"]
+    assert work(warm_start=str(tmp_path)).warm_start_tokens == 0
+    sft = estimate_work(spec(students=char), plugins)  # other trainers have no warm start
+    assert sft.warm_start_tokens == 0 and "warm_start" not in sft.notes
 
 
 def test_row_length_is_counted_with_the_students_tokenizer_and_chat_template(
@@ -295,3 +332,17 @@ async def test_submit_refuses_a_job_whose_estimate_breaks_the_budget(
     finally:
         a.stop()
         await asyncio.wait_for(task, 30)
+
+
+def test_grpo_loop_record_counts_the_warm_start_it_estimates(plugins: Plugins) -> None:
+    # the loop estimate includes the SFT warm start; GRPO times it apart from train_time_s
+    costs = CostModel(plugins)
+    s = spec(trainer="grpo")
+    run = _run(s, {})
+    prior = train_loop_prior_s(costs.work(s, run), CPU)
+    got = costs.stage_cost(run, "train", CPU, 2 * prior + 30.0,
+                           {"train_time_s": prior, "warm_start": {"train_time_s": prior}})
+    assert got is not None
+    loop = [v for k, v in costs.book.records.items() if k.endswith(".loop")]
+    assert len(loop) == 1 and loop[0].n == 1
+    assert loop[0].mean == pytest.approx(math.log(2.0), rel=1e-6)  # measured = 2 x the prior
