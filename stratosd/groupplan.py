@@ -26,7 +26,6 @@ without a deadline never gets one unless it asks.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -165,21 +164,14 @@ def deadline_groups(offers: Sequence[ServerOffer], deadline: float, costing: Job
 
 
 def _option(members: Sequence[ServerOffer], costing: JobCosting) -> GroupOption:
-    """One group, costed: CPU groups at N ranks' scaling efficiency (learned, else prior)."""
+    """One group, costed: its training at N ranks' scaling efficiency (learned, else prior)."""
     from stratosd.costmodel.capacity import job_threads, offer_speed
     from stratosd.costmodel.model import TINY_PARAMS, scaling
 
-    head, n, w = members[0], len(members), costing.work
-    if head.gpu_count == 0:
-        threads = job_threads(head, w.params < TINY_PARAMS)
-        sp = offer_speed(head, threads)
-        _r, eff, src = scaling(dataclasses.replace(sp, devices=n),
-                               msgspec.structs.replace(w, devices=n), costing.book)
-        offer = group_offer(members, efficiency=eff, threads=threads)
-    else:  # the cost model credits the summed GPUs at its scaling efficiency
-        offer = group_offer(members)
-        sp = offer_speed(offer)
-        _r, eff, src = scaling(sp, w, costing.book)
+    offer = group_offer(members)
+    threads = job_threads(offer, costing.work.params < TINY_PARAMS) if offer.gpu_count == 0 \
+        else None
+    _r, eff, src = scaling(offer_speed(offer, threads), costing.work, costing.book)
     return GroupOption(offer=offer, hours=_hours([offer], costing)[0], efficiency=eff,
                        source=src)
 

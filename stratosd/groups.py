@@ -77,36 +77,15 @@ def same_hardware(a: ServerOffer, b: ServerOffer) -> bool:
         (b.gpu_model, b.gpu_count, b.gpu_mem_mib, b.cpu_count)
 
 
-def group_speedup(members: Sequence[ServerOffer], efficiency: float | None = None) -> float:
-    """How much faster N CPU servers train than one: N x the scaling efficiency of N ranks
-    (the prior unless the caller has the learned one; a CPU server runs one rank; GPU groups
-    are credited by the cost model's devices)."""
-    from stratosd.costmodel.model import prior_scaling
-
-    n = len(members)
-    return n * (prior_scaling("cpu", n) if efficiency is None else efficiency)
-
-
-def group_offer(members: Sequence[ServerOffer], *, efficiency: float | None = None,
-                threads: int | None = None) -> ServerOffer:
+def group_offer(members: Sequence[ServerOffer]) -> ServerOffer:
     """The group as one candidate (see the module docstring); members[0] hosts the
-    rendezvous and the stages that run on one server. CPU groups: `efficiency` is N ranks'
-    scaling efficiency (default: the prior), `threads` the CPU threads a job uses on each
-    member when nothing was measured (default: every core)."""
+    rendezvous and the stages that run on one server. Its speed is the head's per device;
+    the cost model counts the group's devices (GPUs summed, or one per CPU member through
+    `members`) for the training phase only, at N ranks' scaling efficiency (learned, else
+    the prior), so probe, evaluation and deployment are not credited with the group."""
     if not members:
         raise ValueError("a group needs members")
     head = members[0]
-    hardware_score, capacity = head.hardware_score, head.capacity
-    if head.gpu_count == 0:  # a CPU server is one device to the cost model: credit the group
-        speedup = group_speedup(members, efficiency)
-        cap = head.capacity
-        if cap is not None and cap.source == "measured" and cap.matmul_tflops:
-            capacity = msgspec.structs.replace(cap, matmul_tflops={
-                k: v * speedup for k, v in cap.matmul_tflops.items()})
-        else:
-            from stratosd.costmodel.capacity import offer_speed
-
-            hardware_score = offer_speed(head, threads or 0).tflops * speedup
     return msgspec.structs.replace(
         head,
         id="+".join(m.id for m in members),
@@ -117,8 +96,6 @@ def group_offer(members: Sequence[ServerOffer], *, efficiency: float | None = No
         price_usd_per_hour=round(sum(m.price_usd_per_hour for m in members), 6),
         latency_ms=max(m.latency_ms for m in members),
         latency_known=all(m.latency_known for m in members),
-        hardware_score=hardware_score,
-        capacity=capacity,
         status="up" if all(m.status == "up" for m in members) else "down",
         busy=any(m.busy for m in members),
         members=[m.id for m in members],

@@ -32,7 +32,7 @@ def hardware_kind(o: ServerOffer) -> tuple[object, ...]:
     """What the cost model's speed depends on: offers with the same kind train alike."""
     cap = o.capacity
     return (o.gpu_model, o.gpu_count, o.cpu_count, id(cap) if cap is not None else None,
-            o.hardware_score)
+            o.hardware_score, len(o.members))
 
 
 @dataclass(frozen=True, eq=False)

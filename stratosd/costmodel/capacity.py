@@ -127,7 +127,9 @@ def offer_speed(offer: ServerOffer, job_threads: int | None = None) -> Speed:
         mem_bw_gbps=_or(cap.mem_bw_gbps if measured and cap else None, CPU_MEM_BW_GBPS),
         disk_mbps=_or(cap.disk_write_mbps if measured and cap else None, DISK_WRITE_MBPS),
         upload_mbps=_or(cap.upload_mbps if measured and cap else None, UPLOAD_MBPS),
-        devices=1, source="measured" if measured else "estimated")
+        # a CPU server is one device; a group of N (stratosd.groups) trains with one rank on
+        # each member, so only the training phase is credited, at N ranks' scaling efficiency
+        devices=max(1, len(offer.members)), source="measured" if measured else "estimated")
 
 
 def job_threads(offer: ServerOffer, tiny: bool) -> int:

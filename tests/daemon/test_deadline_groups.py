@@ -13,6 +13,7 @@ from schemas.costs import JobWork
 from schemas.specs import RunSpec, ServerOffer
 from schemas.telemetry import Capacity
 from stratosd.costmodel.model import JobCosting
+from stratosd.costmodel.work import ALL_DEVICES
 from stratosd.errors import ConfigError, Infeasible
 from stratosd.groupplan import MAX_AUTO_NODES, deadline_groups, plan_select
 from stratosd.plugins import Plugins
@@ -20,7 +21,8 @@ from stratosd.validate import spec_from_data
 
 # a 500M-parameter full SFT: training dominates, so more nodes finish sooner
 WORK = JobWork(student="s", params=5e8, trainable_params=5e8, layers=24, hidden=1024,
-               seq_tokens=512, trainer="full-sft", train_tokens=2e7, train_steps=200)
+               seq_tokens=512, trainer="full-sft", train_tokens=2e7, train_steps=200,
+               devices=ALL_DEVICES)  # full SFT: one rank per device, or per group member
 CAP = Capacity(source="measured", device="cpu", threads=8, matmul_tflops={"fp32": 2.0})
 
 

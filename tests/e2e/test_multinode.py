@@ -57,12 +57,23 @@ def test_a_group_is_one_candidate_of_one_region_and_kind() -> None:
     # the two cheapest of the eu CPU servers, the cheaper one hosts the rendezvous
     assert group.members == ["a2", "a1"] and group.agent_id == "a2" and group.id == "a2+a1"
     assert group.price_usd_per_hour == 3.0 and group.region == "eu"
-    # faster than one member: both servers at the scaling efficiency of 2 ranks
-    from stratosd.costmodel.capacity import offer_speed
+    # training is credited with both servers at the scaling efficiency of 2 ranks; the
+    # phases that run on the head alone (probe, evaluation, deployment) are not
+    from schemas.costs import JobWork
+    from stratosd.costmodel import JobCosting
     from stratosd.costmodel.model import prior_scaling
+    from stratosd.costmodel.work import ALL_DEVICES
 
-    one = offer_speed(fleet[1], 0).tflops
-    assert group.hardware_score == pytest.approx(one * 2 * prior_scaling("cpu", 2))
+    work = JobWork(params=1e6, trainable_params=1e6, trainer="full-sft", train_tokens=1e7,
+                   train_steps=100, seq_tokens=100.0, hidden=64, layers=2,
+                   devices=ALL_DEVICES)
+    costing = JobCosting(work)
+    single, pair = costing.columns([fleet[1], group]).hardware
+    assert pair == pytest.approx(single * 2 * prior_scaling("cpu", 2))
+    by_phase = {o.id: {p.name: p.seconds for p, _k, _c in costing.phase_seconds(o)}
+                for o in (fleet[1], group)}
+    assert by_phase[group.id]["evaluate"] == pytest.approx(by_phase["a2"]["evaluate"])
+    assert by_phase[group.id]["train"] < by_phase["a2"]["train"]
     gpus = group_offers([_offer(i, gpu_model="T4", gpu_count=2, gpu_mem_mib=16000)
                          for i in range(3)], 3)
     assert gpus[0].gpu_count == 6 and gpus[0].hardware_score is None  # the cost model scales
