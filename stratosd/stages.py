@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -14,7 +14,7 @@ from schemas import subjects
 from schemas.base import to_builtins
 from schemas.commands import RunInfo, RunStep
 from schemas.events import RunProgress
-from schemas.specs import ServerOffer
+from schemas.specs import Selection, ServerOffer
 from schemas.stages import (
     ChooseStrategyResult,
     DeployResult,
@@ -45,6 +45,7 @@ from stratosd.results import checked, stage_result
 
 log = structlog.stdlib.get_logger(__name__)
 _STAGE_PARAM_KEYS = ("synthesis", "prescreen", "evaluate", "deploy")
+T = TypeVar("T")
 QUEUE_POLL_S = 2.0  # a queued run looks for a free server this often
 
 
@@ -125,6 +126,27 @@ def run_offer(ctx: StageRun) -> ServerOffer:
     return offer_of(ctx.run, services(ctx).fleet)
 
 
+async def queued(ctx: StageRun, pick: Callable[[], Awaitable[T]]) -> tuple[T, float]:
+    """(pick(), seconds waited): pick() again every QUEUE_POLL_S while it finds every fitting
+    server busy with another run's training, so the run queues (visibly: a progress event at
+    once and every 30 s) instead of failing."""
+    waited = 0.0
+    while True:
+        try:
+            return await pick(), waited
+        except Infeasible as exc:
+            if exc.field != "constraints.busy":
+                raise
+            if waited % 30.0 == 0.0:
+                log.info("run_queued", reason=exc.message, waited_s=waited)
+                await ctx.pipeline.publish(
+                    subjects.run_event(ctx.run_id, "progress"),
+                    RunProgress(run_id=ctx.run_id, stage=ctx.stage, unit="s", done=waited,
+                                message=f"queued: {exc.message}", source="stratosd"))
+            await asyncio.sleep(QUEUE_POLL_S)
+            waited += QUEUE_POLL_S
+
+
 async def agent_for(ctx: StageRun) -> str:
     """The run's agent; if it is down, re-select among the live ones and remember that."""
     svc = services(ctx)
@@ -134,11 +156,18 @@ async def agent_for(ctx: StageRun) -> str:
         return str(current)
     excluded = sorted({str(a) for a in [*ctx.run.progress.get("excluded_agents", []), current]
                        if a})
-    offers = [o for o in svc.fleet.offers() if o.id not in excluded]
-    if not offers:
-        raise AgentUnavailable(f"agent {current} is down and no other live agent can take over",
-                               hint="start another stratos-agent; the run retries")
-    selection = await select(ctx, offers)
+
+    async def pick() -> Selection:
+        offers = [o for o in svc.fleet.offers() if o.id not in excluded]
+        if not offers:
+            raise AgentUnavailable(
+                f"agent {current} is down and no other live agent can take over",
+                hint="start another stratos-agent; the run retries")
+        chosen: Selection = await select(ctx, offers)
+        return chosen
+
+    # every other server busy with another run's training: wait for one, do not fail
+    selection, _waited = await queued(ctx, pick)
     chosen = str(selection.chosen.agent_id)
     log.warning("server_reselected", previous=current, agent_id=chosen)
     await ctx.note(agent_id=chosen, excluded_agents=excluded)
@@ -219,28 +248,17 @@ async def select_server(ctx: StageRun) -> dict[str, Any]:
     """Pick a server among live agents with the job's selector; while every fitting server is
     busy with another run's training, wait in the queue instead of failing."""
     svc = services(ctx)
-    waited = 0.0
     nodes_asked(ctx.spec.train)  # a bad train.nodes fails here, before any queueing
-    while True:
+
+    async def pick() -> tuple[Selection, Sequence[ServerOffer]]:
         offers: Sequence[ServerOffer] = svc.fleet.table()
         if not len(offers):
             raise Infeasible("no live agent to run on",
                              hint="start stratos-agent on a host (see README), then resubmit")
-        try:  # groups of agents when train.nodes or the deadline asks for one
-            planned = await plan(ctx, offers)
-            selection, offers = planned.selection, planned.offers
-            break
-        except Infeasible as exc:
-            if exc.field != "constraints.busy":
-                raise
-            if waited % 30.0 == 0.0:  # at once, then every 30 s: the queue is visible
-                log.info("run_queued", reason=exc.message, waited_s=waited)
-                await ctx.pipeline.publish(
-                    subjects.run_event(ctx.run_id, "progress"),
-                    RunProgress(run_id=ctx.run_id, stage=ctx.stage, unit="s", done=waited,
-                                message=f"queued: {exc.message}", source="stratosd"))
-            await asyncio.sleep(QUEUE_POLL_S)
-            waited += QUEUE_POLL_S
+        planned = await plan(ctx, offers)  # groups when train.nodes or the deadline asks
+        return planned.selection, planned.offers
+
+    (selection, offers), waited = await queued(ctx, pick)
     chosen = selection.chosen
     costing = await asyncio.to_thread(svc.costs.costing, ctx.spec, ctx.run)
     estimate = costing.estimate(chosen)

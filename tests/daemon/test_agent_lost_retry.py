@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from schemas.base import new_id, utc_now
 from schemas.commands import RunInfo
 from stratosd.errors import AgentUnavailable, Infeasible, JobFailed
@@ -92,3 +94,41 @@ async def test_a_run_resumed_after_a_restart_waits_for_the_known_agents(
     finally:
         agent.stop()
         await task
+
+
+async def test_a_stand_in_for_a_lost_agent_queues_while_the_others_are_busy(
+        daemon: Any, nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import msgspec
+
+    from schemas.events import RunProgress
+    from stratosd import stages as stage_fns
+
+    monkeypatch.setattr(stage_fns, "QUEUE_POLL_S", 0.2)
+    lost, lost_task = await start_agent(nats_url, tmp_path, "gpu-1", interval=0.3)
+    other, other_task = await start_agent(nats_url, tmp_path, "gpu-2", interval=3.0)
+    try:
+        await until(lambda: daemon.fleet.is_up("gpu-1") and daemon.fleet.is_up("gpu-2"))
+        picked: list[str] = []
+
+        async def train(ctx: StageRun) -> dict[str, Any]:
+            # gpu-1 is gone; gpu-2 is training another run until its next heartbeat (<= 3 s)
+            lost.stop()
+            await lost_task
+            daemon.fleet.agents["gpu-1"].status = "down"
+            st = daemon.fleet.agents["gpu-2"]
+            st.telemetry = msgspec.structs.replace(st.telemetry, training_jobs=["other-run"])
+            daemon.fleet._table = None
+            picked.append(await stage_fns.agent_for(ctx))
+            return {"agent": picked[-1]}
+
+        stages = install(daemon, {"train": train}, retries=0)
+        run, events = await run_end(daemon, await submit(daemon))
+        assert run.state == "completed", run.error
+        assert picked == ["gpu-2"] and stages.attempts["train"] == [1]  # queued, not retried
+        assert run.progress["agent_id"] == "gpu-2"
+        assert "gpu-1" in run.progress["excluded_agents"]
+        assert any(isinstance(e, RunProgress) and e.message.startswith("queued:") and
+                   "busy" in e.message for e in events)
+    finally:
+        other.stop()
+        await other_task
