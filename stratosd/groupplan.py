@@ -35,7 +35,7 @@ import structlog
 
 from schemas.specs import RunSpec, Selection, ServerOffer
 from stratosd.errors import ConfigError, Infeasible
-from stratosd.groups import group_offer, group_offers, nodes_asked, same_hardware
+from stratosd.groups import group_offer, group_offers, nodes_asked, same_kind_sets
 from stratosd.offers import OfferTable
 
 if TYPE_CHECKING:
@@ -143,14 +143,8 @@ def deadline_groups(offers: Sequence[ServerOffer], deadline: float, costing: Job
     """Per region and kind of hardware: the smallest group of 2..max_nodes live agents that
     meets the deadline, else the largest (the fastest there)."""
     live = [o for o in offers if o.status == "up" and o.agent_id and len(o.members) <= 1]
-    kinds: list[list[ServerOffer]] = []
-    for o in sorted(live, key=lambda o: (o.region, o.busy, o.price_usd_per_hour, o.id)):
-        for kind in kinds:
-            if kind[0].region == o.region and same_hardware(kind[0], o):
-                kind.append(o)
-                break
-        else:
-            kinds.append([o])
+    kinds = same_kind_sets(sorted(live, key=lambda o: (o.region, o.busy,
+                                                       o.price_usd_per_hour, o.id)))
     out: list[GroupOption] = []
     for kind in kinds:
         best: GroupOption | None = None

@@ -102,6 +102,20 @@ def group_offer(members: Sequence[ServerOffer]) -> ServerOffer:
     )
 
 
+def same_kind_sets(offers: Sequence[ServerOffer]) -> list[list[ServerOffer]]:
+    """The offers split into sets of one region and one kind of hardware (order kept): the
+    servers a group may be made of."""
+    kinds: list[list[ServerOffer]] = []
+    for o in offers:
+        for kind in kinds:
+            if kind[0].region == o.region and same_hardware(kind[0], o):
+                kind.append(o)
+                break
+        else:
+            kinds.append([o])
+    return kinds
+
+
 def group_offers(offers: Sequence[ServerOffer], nodes: int) -> list[ServerOffer]:
     """Group candidates of `nodes` live agents: per region and kind of hardware, the cheapest
     free ones. Infeasible when there are none: `constraints.busy` when busy agents would make
@@ -109,14 +123,7 @@ def group_offers(offers: Sequence[ServerOffer], nodes: int) -> list[ServerOffer]
     live = [o for o in offers if o.status == "up" and o.agent_id]
     groups: list[ServerOffer] = []
     busy_would = False
-    kinds: list[list[ServerOffer]] = []
-    for o in sorted(live, key=lambda o: (o.region, o.price_usd_per_hour, o.id)):
-        for kind in kinds:
-            if kind[0].region == o.region and same_hardware(kind[0], o):
-                kind.append(o)
-                break
-        else:
-            kinds.append([o])
+    kinds = same_kind_sets(sorted(live, key=lambda o: (o.region, o.price_usd_per_hour, o.id)))
     for kind in kinds:
         free = [o for o in kind if not o.busy]
         if len(free) >= nodes:
