@@ -81,6 +81,18 @@ class AggregationSpec(Strict, frozen=True, kw_only=True):
     params: dict[str, Any] = {}  # extra trainer params (lora-sft)
 
 
+class DeploySpec(Strict, frozen=True, kw_only=True):
+    """`[deploy]`: after the last round, one endpoint serves every tenant's tuned weights, each
+    under its tenant's name (off by default: it moves each tenant's weights, never its data,
+    to the serving agent)."""
+
+    enabled: bool = False
+    agent: Token | None = None  # the serving agent (default: the first live tenant's agent)
+    deployer: PluginName = "auto"  # auto: builtin-multi without a GPU, vllm with one
+    params: dict[str, Any] = {}  # extra deployer params
+    load_requests: Annotated[int, Meta(ge=0, le=64)] = 2  # latency probe (on the base name)
+
+
 class TenantJob(Strict, frozen=True, kw_only=True):
     """`stratosctl tenants submit FILE`: a `[[tenants]]` table plus the shared settings."""
 
@@ -92,6 +104,7 @@ class TenantJob(Strict, frozen=True, kw_only=True):
     seed: int = 0
     eval_limit: Annotated[int, Meta(ge=1)] = 64
     trainer: PluginName = "lora-sft"
+    deploy: DeploySpec = DeploySpec()
 
 
 # --- what travels ------------------------------------------------------------------------
@@ -158,6 +171,7 @@ class TenantBytes(msgspec.Struct, frozen=True, kw_only=True):
     signature: int = 0
     updates: int = 0  # from_agent part that is per-round updates
     mixes: int = 0  # to_agent part that is aggregated mixes
+    weights: int = 0  # from_agent part that is its tuned weights (ΔW) sent to the serving agent
 
 
 class TenantBudget(msgspec.Struct, frozen=True, kw_only=True):
@@ -195,6 +209,26 @@ class TenantResult(msgspec.Struct, frozen=True, kw_only=True):
     error: str = ""
     dropped_at: str = ""  # the stage (e.g. "round-2") where a lost or failed tenant left
     budget: TenantBudget | None = None  # the cost check before training, when budget_usd is set
+    spent_usd: float = 0.0  # measured: its agent's job seconds x the agent's price
+    spent_s: float = 0.0  # its jobs' seconds on its agent
+    stopped_at: str = ""  # the round it did not start (its budget would have been exceeded)
+    stop_reason: str = ""
+    endpoint_url: str = ""  # where its tuned model is served (`model` = served_name)
+    served_name: str = ""
+
+
+class TenantEndpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """One endpoint serving the tenants of one student, each under its own name."""
+
+    student: str  # the base model, also served under its own name
+    agent: str = ""  # the serving agent
+    deployer: str = ""
+    endpoint_id: str = ""  # `stratosctl undeploy ID` stops it
+    url: str = ""
+    names: dict[str, str] = {}  # tenant → served model name
+    weights_bytes: dict[str, int] = {}  # tenant → bytes of its weights moved (0: served locally)
+    state: Literal["deploying", "serving", "stopped", "failed"] = "deploying"
+    error: str = ""
 
 
 class TenantJobState(msgspec.Struct, frozen=True, kw_only=True):
@@ -202,7 +236,7 @@ class TenantJobState(msgspec.Struct, frozen=True, kw_only=True):
 
     job_id: str
     name: str
-    state: Literal["queued", "running", "completed", "failed"]
+    state: Literal["queued", "running", "completed", "failed", "cancelled"]
     stage: str = ""
     spec: TenantJob
     created: datetime = msgspec.field(default_factory=utc_now)
@@ -213,6 +247,7 @@ class TenantJobState(msgspec.Struct, frozen=True, kw_only=True):
     report_paths: dict[str, str] = {}
     error: str = ""
     attempt: int = 1  # 2+ after a daemon restart took the job up again
+    endpoints: list[TenantEndpoint] = []  # with [deploy] enabled: one per student
 
 
 # --- events (stratos.evt.tenant.{job_id}.{event}, stream STRATOS_EVENTS) --------------------
@@ -229,6 +264,8 @@ class TenantStatus(msgspec.Struct, frozen=True, kw_only=True):
     accuracy_aggregated: float | None = None
     bytes_sent: int = 0  # to and from its agent, so far
     raw_bytes: int = 0  # its data file (never sent)
+    spent_usd: float = 0.0  # measured so far
+    stopped_at: str = ""  # the round it did not start, over budget
 
 
 class TenantJobSubmitted(Message, frozen=True, kw_only=True, tag="tenant_job_submitted"):
@@ -282,6 +319,35 @@ class TenantDropped(Message, frozen=True, kw_only=True, tag="tenant_dropped"):
     remaining: list[str] = []
 
 
+class TenantBudgetStopped(Message, frozen=True, kw_only=True, tag="tenant_budget_stopped"):
+    """A tenant's rounds stopped at a round boundary: its measured spend plus the next round
+    and its evaluation would exceed budget_usd. It keeps what it trained and is evaluated;
+    the others go on."""
+
+    job_id: str
+    tenant: str
+    round: int  # the round it does not start
+    spent_usd: float
+    projected_usd: float
+    budget_usd: float
+    reason: str = ""
+
+
+class TenantEndpointReady(Message, frozen=True, kw_only=True, tag="tenant_endpoint_ready"):
+    """An endpoint serves the tenants of one student, each by its name."""
+
+    job_id: str
+    endpoint: TenantEndpoint
+
+
+class TenantJobCancelled(Message, frozen=True, kw_only=True, tag="tenant_job_cancelled"):
+    """The job was cancelled (`stratosctl tenants cancel`); its endpoints were stopped."""
+
+    job_id: str
+    stage: str = ""
+    undeployed: list[str] = []  # endpoint ids
+
+
 class TenantJobResumed(Message, frozen=True, kw_only=True, tag="tenant_job_resumed"):
     """A restarted daemon took the job up again at `stage`."""
 
@@ -311,9 +377,10 @@ class TenantJobFailed(Message, frozen=True, kw_only=True, tag="tenant_job_failed
 
 TenantEvent = (TenantJobSubmitted | TenantStageStarted | TenantRoundStarted
                | TenantRoundCompleted | TenantDropped | TenantJobResumed | TenantJobCompleted
-               | TenantJobFailed)
+               | TenantJobFailed | TenantBudgetStopped | TenantEndpointReady
+               | TenantJobCancelled)
 TENANT_EVENT_DECODER = msgspec.json.Decoder(TenantEvent)
-TENANT_TERMINAL = (TenantJobCompleted, TenantJobFailed)
+TENANT_TERMINAL = (TenantJobCompleted, TenantJobFailed, TenantJobCancelled)
 
 
 # --- commands and replies (stratos.cmd.daemon.tenants) ------------------------------------
@@ -338,6 +405,13 @@ class ListTenantJobs(Message, frozen=True, kw_only=True, tag="list_tenant_jobs")
     limit: int = 50
 
 
+class CancelTenantJob(Message, frozen=True, kw_only=True, tag="cancel_tenant_job"):
+    """Stop a running job at once and undeploy its endpoints (a finished job: only the
+    endpoints)."""
+
+    job_id: Token
+
+
 class TenantJobReply(Message, frozen=True, kw_only=True, tag="tenant_job_reply"):
     """A tenants job's state."""
 
@@ -350,7 +424,7 @@ class TenantJobList(Message, frozen=True, kw_only=True, tag="tenant_job_list"):
     jobs: list[TenantJobState]
 
 
-TenantCommand = SubmitTenantJob | GetTenantJob | ListTenantJobs
+TenantCommand = SubmitTenantJob | GetTenantJob | ListTenantJobs | CancelTenantJob
 TENANT_COMMAND_DECODER = msgspec.json.Decoder(TenantCommand)
 TenantReply = TenantJobReply | TenantJobList | ErrorReply
 TENANT_REPLY_DECODER = msgspec.json.Decoder(TenantReply)

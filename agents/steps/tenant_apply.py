@@ -8,6 +8,7 @@ round keeps its `keep` top ranks by the mixed scores, and that ΔW is merged.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -26,15 +27,17 @@ class ApplyArgs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     model: str
     track: str = "agg"
     round: int = 1
-    kind: Literal["delta", "importance"] = "delta"
+    kind: Literal["delta", "importance", "export", "import"] = "delta"
     importance: dict[str, list[float]] = {}
     keep: int = 4
 
 
 def run(ctx: StepContext) -> dict[str, Any]:
-    """Merge the mix into the track's model."""
+    """Merge the mix into the track's model (or export / import its weights)."""
     args: ApplyArgs = parse_args(ctx, ApplyArgs)
     track = track_dir(ctx, args.tenant, args.track)
+    if args.kind in ("export", "import"):
+        return _serve_weights(ctx, args, track)
     start = current_model(track, args.model)
     if args.kind == "delta":
         mix_path = ctx.inputs.get("mix")
@@ -50,3 +53,20 @@ def run(ctx: StepContext) -> dict[str, Any]:
                   for m in aggregation.modules(pruned)}
     merge_into(start, deltas, track / "model")
     return {"applied": args.kind, "modules": len(deltas), "round": args.round}
+
+
+def _serve_weights(ctx: StepContext, args: ApplyArgs, track: Path) -> dict[str, Any]:
+    from agents.steps.tenant_weights import export_delta, stage_adapter
+
+    if args.kind == "export":
+        out, modules = export_delta(track, args.model,
+                                    ctx.output(f"weights-{args.tenant}.npz"))
+        return {"kind": "export", "modules": modules, "weights_bytes": out.stat().st_size}
+    given = ctx.inputs.get("weights")
+    if given is None:  # the tenant lives on this agent: its own track, nothing moved
+        given, _n = export_delta(track, args.model, ctx.workdir / "weights.npz")
+    with np.load(given) as data:
+        factors = {k: data[k] for k in data.files}
+    serve = track.parent / "serve"
+    ref = stage_adapter(factors, args.model, serve / "adapter")
+    return {"kind": "import", "ref": ref, "local": "weights" not in ctx.inputs}

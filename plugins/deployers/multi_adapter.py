@@ -185,7 +185,9 @@ class MultiAdapterDeployer(Deployer):
         url = server.start()
         try:
             httpx.get(url.removesuffix("/v1") + "/health", timeout=10).raise_for_status()
-            ctx.ready(url=url, model=",".join(server.names()))
+            # `model` is a name the server answers to (the deploy step's latency probe asks
+            # for it); `served` lists them all
+            ctx.ready(url=url, model=server.base_name, served=server.names())
             while not ctx.should_stop():
                 time.sleep(0.2)
         finally:

@@ -1,4 +1,4 @@
-"""`stratosctl tenants submit FILE | status [ID] | watch ID | report ID`: per-tenant jobs.
+"""`stratosctl tenants submit FILE | status [ID] | watch ID | report ID | cancel ID`.
 
 Tenants jobs are listed here, not in `stratosctl jobs/status/watch` (those follow pipeline runs
 in KV `stratos_runs`; tenants jobs live in KV `stratos_tenants` and publish their events on
@@ -22,11 +22,15 @@ from schemas.tenants import (
     TENANT_EVENT_DECODER,
     TENANT_REPLY_DECODER,
     TENANT_TERMINAL,
+    CancelTenantJob,
     GetTenantJob,
     ListTenantJobs,
     SubmitTenantJob,
+    TenantBudgetStopped,
     TenantDropped,
+    TenantEndpointReady,
     TenantJob,
+    TenantJobCancelled,
     TenantJobCompleted,
     TenantJobFailed,
     TenantJobList,
@@ -66,6 +70,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     w.add_argument("--timeout", type=float, default=0, help="give up after N seconds (0: never)")
     add_common(w)
     w.set_defaults(func=main_watch)
+    c = tsub.add_parser("cancel", help="stop a job and undeploy its endpoints",
+                        description="Stop a running tenants job (its in-flight steps are "
+                        "cancelled on their agents) and stop its endpoints; for a finished "
+                        "job, only its endpoints are stopped.")
+    c.add_argument("id", help="job id")
+    add_common(c)
+    c.set_defaults(func=main_cancel)
     r = tsub.add_parser("report", help="a finished job's per-tenant report")
     r.add_argument("id", help="job id")
     add_common(r)
@@ -127,11 +138,12 @@ def _acc(x: float | None) -> str:
 
 def status_rows(statuses: Mapping[str, TenantStatus], rounds: int) -> str:
     """The per-tenant table of an event or a job."""
-    rows = [[name, s.state, s.agent or "-", s.student or "-", f"{s.rounds_done}/{rounds}",
-             _acc(s.accuracy_alone), _acc(s.accuracy_aggregated), s.bytes_sent, s.raw_bytes]
+    rows = [[name, s.state + (" (budget stop)" if s.stopped_at else ""), s.agent or "-",
+             s.student or "-", f"{s.rounds_done}/{rounds}", _acc(s.accuracy_alone),
+             _acc(s.accuracy_aggregated), s.bytes_sent, s.raw_bytes, f"${s.spent_usd:.4g}"]
             for name, s in sorted(statuses.items())]
     return table(rows, ["tenant", "state", "agent", "student", "round", "acc alone",
-                        "acc agg", "bytes sent", "raw bytes"])
+                        "acc agg", "bytes sent", "raw bytes", "spent"])
 
 
 def print_job(job: TenantJobState) -> None:
@@ -142,10 +154,21 @@ def print_job(job: TenantJobState) -> None:
     statuses = {n: TenantStatus(
         state=r.state, agent=r.agent, student=r.student, rounds_done=r.rounds_done,
         accuracy_alone=r.accuracy_alone, accuracy_aggregated=r.accuracy_aggregated,
-        bytes_sent=r.bytes.to_agent + r.bytes.from_agent, raw_bytes=r.bytes.raw_data)
+        bytes_sent=r.bytes.to_agent + r.bytes.from_agent, raw_bytes=r.bytes.raw_data,
+        spent_usd=r.spent_usd, stopped_at=r.stopped_at)
         for n, r in job.results.items()}
     print(status_rows(statuses, job.spec.aggregation.rounds))
+    for ep in job.endpoints:
+        print(f"endpoint {ep.endpoint_id} {ep.state}: {ep.url or '-'} on {ep.agent} "
+              f"({ep.deployer}, base {ep.student}); model = "
+              + ", ".join(sorted(ep.names.values()))
+              + "; weights moved: " + ", ".join(f"{k} {v} B"
+                                                for k, v in sorted(ep.weights_bytes.items())))
     for name, r in sorted(job.results.items()):
+        if r.endpoint_url:
+            print(f"{name} served at {r.endpoint_url} as model={r.served_name}")
+        if r.stopped_at:
+            print(f"{name} stopped before {r.stopped_at}: {r.stop_reason}")
         if r.state != "ok":
             print(f"{name} {r.state} at {r.dropped_at or '-'}: {r.error}")
         if r.budget is not None:
@@ -171,6 +194,17 @@ def event_line(ev: Any) -> str:
                 f"{ev.reason}; the others go on, re-weighted: {', '.join(ev.remaining) or '-'}")
     if isinstance(ev, TenantJobResumed):
         return f"↻ resumed at {ev.stage}"
+    if isinstance(ev, TenantBudgetStopped):
+        return (f"$ tenant {ev.tenant} stops before round {ev.round}: spent "
+                f"${ev.spent_usd:.4g}, projected ${ev.projected_usd:.4g} > budget "
+                f"${ev.budget_usd:g} ({ev.reason})")
+    if isinstance(ev, TenantEndpointReady):
+        e = ev.endpoint
+        return (f"⇄ endpoint {e.endpoint_id} serves {', '.join(sorted(e.names.values()))} at "
+                f"{e.url} ({e.deployer} on {e.agent})")
+    if isinstance(ev, TenantJobCancelled):
+        return "job cancelled" + (f"; undeployed {', '.join(ev.undeployed)}"
+                                  if ev.undeployed else "")
     if isinstance(ev, TenantJobCompleted):
         return "job completed" + (f" without {', '.join(ev.dropped)}" if ev.dropped else "") \
             + "".join(f"\n{k}: {v}" for k, v in sorted(ev.report_paths.items()))
@@ -236,6 +270,21 @@ def main_status(args: argparse.Namespace) -> int:
                           f"/{len(j.spec.tenants)}"]
                          for j in listing.jobs], ["job", "name", "state", "stage",
                                                   "tenants ok"]))
+        return 0
+    return run_async(go)
+
+
+def main_cancel(args: argparse.Namespace) -> int:
+    """Cancel a job (and undeploy its endpoints)."""
+    async def go() -> int:
+        reply = await ask(args, CancelTenantJob(job_id=args.id), timeout=60)
+        if args.json:
+            dump_json(reply)
+        else:
+            job = reply.job
+            stopped = [e.endpoint_id for e in job.endpoints if e.state == "stopped"]
+            print(f"{job.job_id} {job.state}"
+                  + (f"; endpoints stopped: {', '.join(stopped)}" if stopped else ""))
         return 0
     return run_async(go)
 

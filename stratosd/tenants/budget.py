@@ -9,6 +9,13 @@ mean lengths: aggregates, never the data), priced by `JobCosting.estimate(offer)
 learned efficiencies of the daemon's `CostModel`. A candidate whose estimate is over the
 budget is not picked (like a size limit); when none fits, the tenant is refused with the
 numbers.
+
+During the rounds the spend is *measured*: each tenant step's seconds on its agent (from its
+acceptance to its outcome) x the agent's price at its end, as the core cost model meters a
+stage (`CostModel.stage_cost`: measured_s / 3600 x price_usd_per_hour). At every round
+boundary `next_round` compares measured spend + the next round + the evaluation with the
+budget; a tenant that would exceed it stops its rounds there (`tenant_budget_stopped`), keeps
+what it trained, and is evaluated.
 """
 
 from __future__ import annotations
@@ -102,12 +109,11 @@ def probe_cost(spec: TenantJob, sig: TenantSignature | None, offer: ServerOffer,
     return total
 
 
-def tenant_cost(spec: TenantJob, student: str, sig: TenantSignature | None,
-                offer: ServerOffer, book: EfficiencyBook, rounds_left: int,
-                params: int = 0) -> Priced:
-    """What is left for this tenant on student: rounds x tracks, applies, evaluations."""
+def _unit_costs(spec: TenantJob, student: str, sig: TenantSignature | None,
+                offer: ServerOffer, book: EfficiencyBook, params: int
+                ) -> tuple[JobEstimate, JobEstimate, JobEstimate, int]:
+    """One tenant_train, one tenant_apply, one tenant_evaluate on student, and n_test."""
     agg = spec.aggregation
-    tracks = 2 if spec.alone_baseline else 1
     rt = row_tokens(student, sig, params)
     kw: dict[str, Any] = {"params": params, "lora_r": agg.lora_r, "row_tokens": rt,
                           "trainer": spec.trainer}
@@ -116,12 +122,61 @@ def tenant_cost(spec: TenantJob, student: str, sig: TenantSignature | None,
     n_test = spec.eval_limit if sig is None else min(
         spec.eval_limit, max(1, round(sig.n_examples * 0.25)))
     ev = _work(student, steps=0, eval_prompts=n_test, **kw)
-    return (_price(JobCosting(train, book, phases=("train",)).estimate(offer),
-                   rounds_left * tracks, f"tenant_train ({agg.local_steps} steps)")
-            + _price(JobCosting(apply, book, phases=("train",)).estimate(offer), rounds_left,
-                     "tenant_apply (start-up, merge)")
-            + _price(JobCosting(ev, book, phases=("evaluate",)).estimate(offer), tracks,
-                     f"tenant_evaluate ({n_test} rows)"))
+    return (JobCosting(train, book, phases=("train",)).estimate(offer),
+            JobCosting(apply, book, phases=("train",)).estimate(offer),
+            JobCosting(ev, book, phases=("evaluate",)).estimate(offer), n_test)
+
+
+def tenant_cost(spec: TenantJob, student: str, sig: TenantSignature | None,
+                offer: ServerOffer, book: EfficiencyBook, rounds_left: int,
+                params: int = 0) -> Priced:
+    """What is left for this tenant on student: rounds x tracks, applies, evaluations."""
+    agg = spec.aggregation
+    tracks = 2 if spec.alone_baseline else 1
+    train, apply, ev, n_test = _unit_costs(spec, student, sig, offer, book, params)
+    return (_price(train, rounds_left * tracks, f"tenant_train ({agg.local_steps} steps)")
+            + _price(apply, rounds_left, "tenant_apply (start-up, merge)")
+            + _price(ev, tracks, f"tenant_evaluate ({n_test} rows)"))
+
+
+@dataclass(frozen=True)
+class RoundCheck:
+    """The check at a round boundary: measured spend + the next round + the evaluation."""
+
+    fits: bool
+    spent_usd: float
+    next_round_usd: float
+    eval_usd: float
+    budget_usd: float
+    reason: str
+
+    @property
+    def projected_usd(self) -> float:
+        """What the tenant would have spent after the next round and its evaluation."""
+        return self.spent_usd + self.next_round_usd + self.eval_usd
+
+
+def next_round(spec: TenantJob, budget_usd: float, spent_usd: float, last_round_usd: float,
+               student: str, sig: TenantSignature | None, offer: ServerOffer,
+               book: EfficiencyBook, params: int = 0) -> RoundCheck:
+    """May the tenant start one more round? Its measured spend, plus the next round (the
+    larger of the cost model's estimate and what its last round measured), plus its
+    evaluation (estimated: it runs after the last round) must stay within budget_usd."""
+    tracks = 2 if spec.alone_baseline else 1
+    train, apply, ev, n_test = _unit_costs(spec, student, sig, offer, book, params)
+    est_round = (_price(train, tracks, "tenant_train") + _price(apply, 1, "tenant_apply")).usd
+    nxt = max(est_round, last_round_usd)
+    how = "as its last round measured" if last_round_usd >= est_round else "estimated"
+    ev_usd = _price(ev, tracks, f"tenant_evaluate ({n_test} rows)").usd
+    check = RoundCheck(fits=True, spent_usd=spent_usd, next_round_usd=nxt, eval_usd=ev_usd,
+                       budget_usd=budget_usd, reason="")
+    reason = (f"measured spend ${spent_usd:.4g} + next round ${nxt:.4g} ({how}) + evaluation "
+              f"${ev_usd:.4g} (estimated) = ${check.projected_usd:.4g} "
+              f"{'>' if check.projected_usd > budget_usd else '<='} budget_usd "
+              f"${budget_usd:g} at ${offer.price_usd_per_hour:g}/h")
+    return RoundCheck(fits=check.projected_usd <= budget_usd, spent_usd=spent_usd,
+                      next_round_usd=nxt, eval_usd=ev_usd, budget_usd=budget_usd,
+                      reason=reason)
 
 
 def check(spec: TenantJob, budget_usd: float, candidates: Mapping[str, int],

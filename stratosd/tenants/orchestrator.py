@@ -34,6 +34,7 @@ from schemas.commands import RunStep
 from schemas.subjects import artifact_key
 from schemas.tenants import (
     CandidatePoint,
+    TenantBudgetStopped,
     TenantDropped,
     TenantJob,
     TenantJobCompleted,
@@ -68,6 +69,7 @@ class TenantRun:
         self.tenants = {t.name: Tenant(t) for t in spec.tenants}
         self.state = TenantJobState(job_id=job_id, name=spec.name, state="queued", spec=spec)
         self.similarity: dict[str, dict[str, float]] = {}
+        self.inflight: dict[str, str] = {}  # step job id → agent, while it runs
 
     @classmethod
     def restore(cls, state: TenantJobState, steps: Steps, plugins: Any,
@@ -92,21 +94,38 @@ class TenantRun:
 
     def _step_id(self, t: Tenant, step: str, args: Mapping[str, Any]) -> str:
         key = f"{t.spec.name}/{step}/{args.get('round', 0)}/{args.get('track', '')}"
+        if args.get("kind") in ("export", "import"):  # the deploy stage's weight moves
+            key += f"/{args['kind']}"
         return f"{self.job_id}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"  # noqa: S324
 
     async def _step(self, t: Tenant, step: str, args: dict[str, Any],
-                    inputs: Mapping[str, tuple[str, int]] | None = None) -> dict[str, Any]:
-        """Run a step on the tenant's agent and count what crossed (a failure raises)."""
+                    inputs: Mapping[str, tuple[str, int]] | None = None,
+                    agent: str = "") -> dict[str, Any]:
+        """Run a step on the tenant's agent and count what crossed and what it cost (a
+        failure raises). With `agent` (the deploy stage's serving agent), it runs there and
+        neither its bytes nor its time are the tenant's."""
         cmd = RunStep(job_id=self._step_id(t, step, args), run_id=self.job_id,
                       step=step, args=args,  # type: ignore[arg-type]
                       inputs={k: v[0] for k, v in (inputs or {}).items()}, source="stratosd")
-        t.bytes["to_agent"] += len(encode(cmd)) + sum(v[1] for v in (inputs or {}).values())
-        t.last_step = step
-        if not self.steps.is_up(t.agent):
-            raise AgentUnavailable(f"agent {t.agent} of tenant {t.spec.name} is down",
-                                   hint="start the agent that holds the tenant's data")
-        result, artifacts = await self.steps.run(t.agent, cmd)
-        t.bytes["from_agent"] += len(encode(result))
+        own = not agent or agent == t.agent
+        where = t.agent if own else agent
+        if own:
+            t.bytes["to_agent"] += len(encode(cmd)) + sum(v[1] for v in (inputs or {}).values())
+            t.last_step = step
+        if not self.steps.is_up(where):
+            raise AgentUnavailable(f"agent {where} of tenant {t.spec.name} is down",
+                                   hint="start the agent that holds the tenant's data" if own
+                                   else "start the serving agent, or pick another in [deploy]")
+        self.inflight[cmd.job_id] = where
+        try:
+            result, artifacts, secs = await self.steps.run_timed(where, cmd)
+        finally:
+            self.inflight.pop(cmd.job_id, None)
+        if own:
+            t.bytes["from_agent"] += len(encode(result))
+            usd = t.bill(secs, self.steps.price(where))
+            log.debug("tenant_step_metered", tenant=t.spec.name, step=step, seconds=secs,
+                      usd=usd, spent_usd=t.spent_usd)
         result["_artifacts"] = artifacts
         return result
 
@@ -133,9 +152,11 @@ class TenantRun:
             stage=t.dropped_at, reason=t.error, remaining=left, source="stratosd"))
         await self._save()
 
-    async def _each(self, fn: Callable[[Tenant], Awaitable[None]]) -> None:
-        """fn for every live tenant at once; a tenant's failure drops only that tenant."""
-        live = [t for t in self.tenants.values() if t.alive]
+    async def _each(self, fn: Callable[[Tenant], Awaitable[None]],
+                    training: bool = False) -> None:
+        """fn for every live tenant (or, training, every one still doing rounds) at once; a
+        tenant's failure drops only that tenant."""
+        live = [t for t in self.tenants.values() if (t.training if training else t.alive)]
         results = await asyncio.gather(*(fn(t) for t in live), return_exceptions=True)
         for t, res in zip(live, results, strict=True):
             if isinstance(res, asyncio.CancelledError):
@@ -161,7 +182,8 @@ class TenantRun:
     def stages(self) -> list[str]:
         """Every stage in order (a resumed job starts at its stored one)."""
         rounds = [f"round-{r}" for r in range(1, self.spec.aggregation.rounds + 1)]
-        return ["agents", "signature", "select", *rounds, "evaluate"]
+        deploy = ["deploy"] if self.spec.deploy.enabled else []
+        return ["agents", "signature", "select", *rounds, "evaluate", *deploy]
 
     async def run(self, resume: bool = False) -> TenantJobState:
         """Every stage from the first (or, resuming, from the stored one); the final state
@@ -229,6 +251,11 @@ class TenantRun:
             await self._each(self._select)
         elif stage == "evaluate":
             await self._each(self._evaluate)
+        elif stage == "deploy":
+            from stratosd.tenants.deploy import deploy_endpoints
+
+            self._check_someone_left()
+            await deploy_endpoints(self)
 
     def _check_someone_left(self) -> None:
         if not any(t.alive for t in self.tenants.values()):
@@ -282,14 +309,50 @@ class TenantRun:
                      estimate_usd=v.estimate_usd, budget_usd=v.budget_usd, fits=v.fits)
         return verdicts
 
+    async def _budget_boundary(self, t: Tenant, r: int) -> None:
+        """Before round r: stop the tenant's rounds when its measured spend, the next round
+        and its evaluation would exceed budget_usd (it keeps what it has and is evaluated)."""
+        limit = t.spec.limits.budget_usd
+        if limit is None:
+            return
+        costs = self.steps.costs
+        book = costs.book if costs is not None else EfficiencyBook()
+        params = next((p.params for p in (t.pick.points if t.pick else [])
+                       if p.model == t.student), 0)
+        try:
+            offer = self.steps.offer(t.agent)
+        except AgentUnavailable:
+            return  # its next step finds the agent gone and drops the tenant
+        check = budget.next_round(self.spec, limit, t.spent_usd, t.round_usd, t.student,
+                                  t.signature, offer, book, params)
+        log.info("tenant_budget_metered", tenant=t.spec.name, round=r, fits=check.fits,
+                 spent_usd=round(t.spent_usd, 6), projected_usd=round(check.projected_usd, 6),
+                 budget_usd=limit)
+        if check.fits:
+            return
+        t.stopped_at = f"round-{r}"
+        t.stop_reason = f"budget: {check.reason}"
+        await self._emit("budget_stopped", TenantBudgetStopped(
+            job_id=self.job_id, tenant=t.spec.name, round=r,
+            spent_usd=round(check.spent_usd, 6), projected_usd=round(check.projected_usd, 6),
+            budget_usd=limit, reason=t.stop_reason, source="stratosd"))
+        await self._save()
+
     async def _round(self, r: int) -> None:
         agg = self.spec.aggregation
         sends = self.aggregator.sends
         t0 = time.monotonic()
         await self._stage(f"round-{r}")
+        for t in self.tenants.values():
+            if t.training and t.spec.limits.budget_usd is not None:
+                await self._budget_boundary(t, r)
+        if not any(t.training for t in self.tenants.values()):
+            log.info("tenant_round_skipped", round=r, reason="no tenant left to train")
+            return
         await self._emit("round_started", TenantRoundStarted(
             job_id=self.job_id, round=r, rounds=agg.rounds, tenants=self._statuses(),
             source="stratosd"))
+        before = {n: t.spent_usd for n, t in self.tenants.items()}
 
         async def train(t: Tenant) -> None:
             common = {**self._base_args(t), "model": t.student, "round": r,
@@ -303,19 +366,20 @@ class TenantRun:
                 await self._step(t, "tenant_train", {**common, "track": TRACK_ALONE,
                                                        "send": "none", "apply_own": True})
 
-        await self._each(train)
+        await self._each(train, training=True)
         groups = similarity.group_by_student(
-            {n: (t.student, agg.lora_r) for n, t in self.tenants.items() if t.alive})
+            {n: (t.student, agg.lora_r) for n, t in self.tenants.items() if t.training})
         with tempfile.TemporaryDirectory(prefix="stratos-tenants-") as tmp:
             for group, members in groups.items():
                 await self._mix_group(r, group, members, Path(tmp))
-        for t in self.tenants.values():
-            if t.alive:
+        for n, t in self.tenants.items():
+            if t.training:
                 t.rounds_done = r
+                t.round_usd = t.spent_usd - before.get(n, 0.0)
         await self._save()
         await self._emit("round_completed", TenantRoundCompleted(
             job_id=self.job_id, round=r, rounds=agg.rounds, tenants=self._statuses(),
-            weights={n: dict(t.weights) for n, t in self.tenants.items() if t.alive},
+            weights={n: dict(t.weights) for n, t in self.tenants.items() if t.training},
             duration_s=round(time.monotonic() - t0, 3), source="stratosd"))
 
     async def _load_update(self, t: Tenant, tmp: Path) -> dict[str, Any]:
@@ -369,7 +433,7 @@ class TenantRun:
             t.bytes["mixes"] += size
             await self._step(t, "tenant_apply", args, inputs={"mix": (key, size)})
 
-        await self._each(apply)
+        await self._each(apply, training=True)
 
     async def _evaluate(self, t: Tenant) -> None:
         tracks = [TRACK_AGG] + ([TRACK_ALONE] if self.spec.alone_baseline else [])

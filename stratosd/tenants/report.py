@@ -29,6 +29,15 @@ def render_markdown(job: TenantJobState) -> str:
         lines += [f"| {a} | " + " | ".join(f"{job.similarity[a].get(b, 0):.3f}" for b in names)
                   + " |" for a in names]
         lines.append("")
+    for ep in job.endpoints:
+        lines += [f"## Endpoint {ep.endpoint_id} ({ep.state})", "",
+                  f"- {ep.url or '-'} on agent {ep.agent}, deployer {ep.deployer}, base "
+                  f"{ep.student}; OpenAI `model` = "
+                  + ", ".join(f"`{n}`" for n in sorted(ep.names.values())),
+                  "- moved to the serving agent: weights only (each tenant's ΔW as LoRA "
+                  "factors), never data: " + ", ".join(
+                      f"{k} {v} bytes" + (" (served on its own agent)" if v == 0 else "")
+                      for k, v in sorted(ep.weights_bytes.items())), ""]
     for name, r in sorted(job.results.items()):
         b = r.bytes
         sent = b.to_agent + b.from_agent
@@ -42,7 +51,15 @@ def render_markdown(job: TenantJobState) -> str:
                   + (", ".join(f"{k} {v:.3f}" for k, v in sorted(r.weights.items())) or "-"),
                   f"- bytes on the bus: {sent} ({b.to_agent} to its agent, {b.from_agent} back; "
                   f"signature {b.signature}, updates {b.updates}, mixes {b.mixes}); raw data "
-                  f"{b.raw_data} bytes never sent {('— ' + ratio) if ratio else ''}"]
+                  f"{b.raw_data} bytes never sent {('— ' + ratio) if ratio else ''}",
+                  f"- spent (measured): ${r.spent_usd:.4g} for {r.spent_s:.1f} s of jobs on "
+                  "its agent" + (f"; limit budget_usd ${r.budget.budget_usd:g}"
+                                 if r.budget is not None else "")]
+        if r.endpoint_url:
+            lines.append(f"- served at {r.endpoint_url} as `model={r.served_name}`; its "
+                         f"weights moved to the serving agent: {b.weights} bytes")
+        if r.stopped_at:
+            lines.append(f"- **stopped before {r.stopped_at}**: {r.stop_reason}")
         if r.state != "ok":
             left = sorted(n for n, o in job.results.items() if o.state == "ok")
             lines.append(f"- **{r.state}** at {r.dropped_at or '-'}: {r.error}; from then on "

@@ -8,6 +8,8 @@ every tenant event, and is rebuilt from the stored result when a restarted daemo
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +34,7 @@ log = structlog.stdlib.get_logger(__name__)
 TRACK_AGG, TRACK_ALONE = "agg", "alone"
 STEP_TIMEOUT_S = 1800.0
 QUEUE_POLL_S = 2.0  # a busy agent (its devices held by another training step) is asked again
-BYTE_KEYS = ("to_agent", "from_agent", "signature", "updates", "mixes")
+BYTE_KEYS = ("to_agent", "from_agent", "signature", "updates", "mixes", "weights")
 FINISHED = ("completed", "failed", "cancelled", "interrupted")
 
 
@@ -40,8 +42,10 @@ class Steps:
     """What the orchestrator needs from the daemon: run a step on an agent, move artifacts,
     price work on an agent, publish events."""
 
-    def __init__(self, bus: Any, dispatch: Any, fleet: Any, costs: Any = None) -> None:
+    def __init__(self, bus: Any, dispatch: Any, fleet: Any, costs: Any = None,
+                 observe: Callable[[Any], Awaitable[None]] | None = None) -> None:
         self.bus, self.dispatch, self.fleet, self.costs = bus, dispatch, fleet, costs
+        self.observe = observe  # the daemon's stratos_on_event observers (Plugins.on_event)
 
     def is_up(self, agent_id: str) -> bool:
         """True while the agent sends heartbeats."""
@@ -57,11 +61,15 @@ class Steps:
         return offer
 
     async def publish(self, subject: str, event: Message) -> None:
-        """A tenant event into JetStream (not lost: a failure is logged, the job goes on)."""
+        """A tenant event into JetStream (not lost: a failure is logged, the job goes on),
+        then to the `stratos_on_event` observers, like every run event the daemon publishes
+        (a failing observer is logged and ignored by the plugin facade)."""
         try:
             await self.bus.publish_event(subject, event)
         except Exception:  # noqa: BLE001 - an event is not worth failing a job over
             log.warning("tenant_event_not_published", subject=subject, exc_info=True)
+        if self.observe is not None:
+            await self.observe(event)
 
     async def _send(self, agent_id: str, step: RunStep) -> str:
         """Send; while the agent's devices are held by another training step (`conflict`),
@@ -84,12 +92,11 @@ class Steps:
                 await asyncio.sleep(QUEUE_POLL_S)
                 waited += QUEUE_POLL_S
 
-    async def run(self, agent_id: str, step: RunStep) -> tuple[dict[str, Any], dict[str, str]]:
-        """Send the step, wait for it; (result, artifacts) or the job's StratosError.
-
-        Step job ids are deterministic, so after a daemon restart the same step is answered
-        by the agent's record of it (finished: its outcome at once; running: waited on)."""
+    async def _outcome(self, agent_id: str, step: RunStep) -> tuple[Any, float]:
+        """Send the step, wait for its outcome (or its endpoint); (outcome, seconds on the
+        agent: from its acceptance to its outcome, the queue wait not counted)."""
         state = await self._send(agent_id, step)
+        t0 = time.monotonic()
         if state in FINISHED and step.job_id not in self.dispatch.outcomes:
             status = await self.dispatch.status(agent_id, step.job_id)
             event = None if status is None else event_from_status(agent_id, status)
@@ -97,7 +104,50 @@ class Steps:
                 await self.dispatch.handle_event(event)
         outcome = await self.dispatch.wait(step.job_id, timeout=STEP_TIMEOUT_S)
         self.dispatch.raise_for(step.job_id, outcome)
-        return dict(outcome.result), dict(outcome.artifacts)
+        return outcome, time.monotonic() - t0
+
+    async def run(self, agent_id: str, step: RunStep) -> tuple[dict[str, Any], dict[str, str]]:
+        """Send the step, wait for it; (result, artifacts) or the job's StratosError.
+
+        Step job ids are deterministic, so after a daemon restart the same step is answered
+        by the agent's record of it (finished: its outcome at once; running: waited on)."""
+        result, artifacts, _secs = await self.run_timed(agent_id, step)
+        return result, artifacts
+
+    async def run_timed(self, agent_id: str, step: RunStep
+                        ) -> tuple[dict[str, Any], dict[str, str], float]:
+        """`run`, plus the seconds the job took on its agent (a step answered from the
+        agent's record after a daemon restart counts 0: it was metered before)."""
+        outcome, secs = await self._outcome(agent_id, step)
+        return dict(outcome.result), dict(outcome.artifacts), secs
+
+    async def deploy(self, agent_id: str, step: RunStep) -> Any:
+        """Send a `deploy` step and wait until it serves: its `EndpointDeployed` (a step
+        that ended without serving raises the job's error, or AgentUnavailable)."""
+        outcome, _secs = await self._outcome(agent_id, step)
+        if outcome.endpoint is None:
+            raise AgentUnavailable(f"deploy job {step.job_id} on {agent_id} ended as "
+                                   f"{outcome.state} without serving",
+                                   hint="see the job's log on the serving agent")
+        return outcome.endpoint
+
+    async def undeploy(self, agent_id: str, endpoint_id: str) -> None:
+        """Stop an endpoint on its agent (the normal `stratosctl undeploy` path)."""
+        await self.dispatch.undeploy(agent_id, endpoint_id)
+
+    def price(self, agent_id: str) -> float:
+        """The agent's price now ($/h; 0 when the daemon does not know it)."""
+        try:
+            return float(self.fleet.offer(agent_id).price_usd_per_hour)
+        except KeyError:
+            return 0.0
+
+    def has_gpu(self, agent_id: str) -> bool:
+        """True when the agent reports a GPU."""
+        try:
+            return int(self.fleet.offer(agent_id).gpu_count) > 0
+        except KeyError:
+            return False
 
 
 @dataclass
@@ -122,6 +172,25 @@ class Tenant:
     budget: TenantBudget | None = None
     last_step: str = ""
     update: dict[str, Any] = field(default_factory=dict)  # this round's tenant_train result
+    spent_usd: float = 0.0  # measured: job seconds on its agent x the agent's price
+    spent_s: float = 0.0
+    round_usd: float = 0.0  # what the last round measured (the next one's floor)
+    stopped_at: str = ""  # "round-N": over budget, it did not start round N
+    stop_reason: str = ""
+    endpoint_url: str = ""
+    served_name: str = ""
+
+    @property
+    def training(self) -> bool:
+        """Still in the job and still doing rounds."""
+        return self.alive and not self.stopped_at
+
+    def bill(self, seconds: float, price_usd_per_hour: float) -> float:
+        """Meter one job on its agent (like the core cost model meters a stage); its $."""
+        usd = max(seconds, 0.0) / 3600.0 * price_usd_per_hour
+        self.spent_s += max(seconds, 0.0)
+        self.spent_usd += usd
+        return usd
 
     @property
     def alive(self) -> bool:
@@ -143,7 +212,10 @@ class Tenant:
             rounds_done=self.rounds_done, bytes=TenantBytes(raw_data=self.raw_bytes,
                                                             **self.bytes),
             state=self.state, error=self.error, dropped_at=self.dropped_at,  # type: ignore[arg-type]
-            budget=self.budget)
+            budget=self.budget, spent_usd=round(self.spent_usd, 6),
+            spent_s=round(self.spent_s, 3), stopped_at=self.stopped_at,
+            stop_reason=self.stop_reason, endpoint_url=self.endpoint_url,
+            served_name=self.served_name)
 
     def status(self) -> TenantStatus:
         """Its row in every tenant event."""
@@ -152,7 +224,8 @@ class Tenant:
             rounds_done=self.rounds_done, accuracy_alone=self.accuracy.get(TRACK_ALONE),
             accuracy_aggregated=self.accuracy.get(TRACK_AGG),
             bytes_sent=self.bytes["to_agent"] + self.bytes["from_agent"],
-            raw_bytes=self.raw_bytes)
+            raw_bytes=self.raw_bytes, spent_usd=round(self.spent_usd, 6),
+            stopped_at=self.stopped_at)
 
     @classmethod
     def restore(cls, spec: TenantSpec, r: TenantResult,
@@ -165,4 +238,7 @@ class Tenant:
                    signature=signature, bytes={k: int(getattr(b, k)) for k in BYTE_KEYS},
                    state=r.state, error=r.error, dropped_at=r.dropped_at,
                    rounds_done=r.rounds_done, weights=dict(r.weights), group=r.group,
-                   accuracy=acc, n_test=r.n_test, adapter=r.adapter, budget=r.budget)
+                   accuracy=acc, n_test=r.n_test, adapter=r.adapter, budget=r.budget,
+                   spent_usd=r.spent_usd, spent_s=r.spent_s, stopped_at=r.stopped_at,
+                   stop_reason=r.stop_reason, endpoint_url=r.endpoint_url,
+                   served_name=r.served_name)

@@ -18,6 +18,7 @@ from schemas.tenants import (
     TENANT_EVENT_DECODER,
     TENANT_REPLY_DECODER,
     AggregationSpec,
+    DeploySpec,
     GetTenantJob,
     StudentChoice,
     TenantJob,
@@ -89,7 +90,8 @@ class Events:
 
 def small_job(files: dict[str, Path], agents: dict[str, str] | None = None, *, rounds: int = 1,
               steps: int = 3, alone: bool = True, limits: dict[str, TenantLimits] | None = None,
-              rule: str = "lora-product-average") -> TenantJob:
+              rule: str = "lora-product-average", deploy: DeploySpec | None = None
+              ) -> TenantJob:
     """A job of config:tiny tenants, each on `host-<name>` (or agents[name])."""
     agents = agents or {}
     limits = limits or {}
@@ -101,7 +103,7 @@ def small_job(files: dict[str, Path], agents: dict[str, str] | None = None, *, r
         students=StudentChoice(candidates=["config:tiny"], fit_steps=0, probe_size=4),
         aggregation=AggregationSpec(rule=rule, rounds=rounds, local_steps=steps, lora_r=4,
                                     keep_ranks=2),
-        alone_baseline=alone, eval_limit=4)
+        alone_baseline=alone, eval_limit=4, deploy=deploy or DeploySpec())
 
 
 def ctl(url: str, *args: str) -> subprocess.CompletedProcess[str]:

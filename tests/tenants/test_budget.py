@@ -15,16 +15,19 @@ from schemas.specs import ServerOffer
 from schemas.tenants import (
     StudentChoice,
     SubmitTenantJob,
+    TenantBudgetStopped,
     TenantDropped,
     TenantJob,
     TenantLimits,
+    TenantRoundCompleted,
+    TenantRoundStarted,
     TenantSignature,
     TenantSpec,
 )
 from stratosd.costmodel.learn import EfficiencyBook
 from stratosd.tenants import budget
 from tests.conftest import start_agent
-from tests.tenants.helpers import Events, ask, small_job, wait_done
+from tests.tenants.helpers import Events, ask, ctl, small_job, wait_done
 
 SIG = TenantSignature(tenant="t1", n_examples=120, question_hist=[], answer_hist=[],
                       mean_question_chars=8.0, mean_answer_chars=1.0, raw_bytes=4000)
@@ -96,4 +99,61 @@ async def test_tenant_over_budget_is_refused_before_training(nats_url: str, tmp_
         for a, task in agents:
             a.stop()
             await asyncio.wait_for(task, 30)
+        await nc.close()
+
+
+def test_round_boundary_check_uses_the_larger_of_estimate_and_last_round() -> None:
+    est = budget.next_round(SPEC, 1.0, 0.0, 0.0, "config:tiny", SIG, _offer(1.0),
+                            EfficiencyBook(), PARAMS["config:tiny"])
+    assert est.fits and est.next_round_usd > 0 and "(estimated)" in est.reason
+    measured = budget.next_round(SPEC, 1.0, 0.5, 0.6, "config:tiny", SIG, _offer(1.0),
+                                 EfficiencyBook(), PARAMS["config:tiny"])
+    assert measured.next_round_usd == 0.6 and not measured.fits
+    assert measured.projected_usd == pytest.approx(1.1 + measured.eval_usd)
+    assert "as its last round measured" in measured.reason and "> budget_usd $1" in measured.reason
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+async def test_measured_spend_stops_a_tenant_at_the_round_boundary(nats_url: str,
+                                                                  tmp_path: Path,
+                                                                  daemon: Any) -> None:
+    """Free while it is checked and probed (price 0: the budget admits it and its first
+    round), then the agent's price jumps during round 1 (a spot price): before round 2 the
+    measured spend plus the next round would exceed budget_usd, so it stops there, keeps its
+    round, is evaluated, and the job completes."""
+    files = {"t1": write_tenant_file(tmp_path / "private" / "t1" / "data.jsonl", DESIGN["t1"],
+                                     40, 0)}
+    agent, task = await start_agent(nats_url, tmp_path, "host-t1", price=0.0)
+    nc = await nats.connect(nats_url)
+    try:
+        job = small_job(files, rounds=3, steps=2, alone=False,
+                        limits={"t1": TenantLimits(budget_usd=5.0)})
+        await ask(nc, SubmitTenantJob(spec=job, job_id="job-spend"))
+        events = await Events().start(nc, "job-spend")
+        await events.wait_for(TenantRoundStarted, round=1)
+        agent.config.price_usd_per_hour = 360_000.0  # $100/s from the next heartbeat on
+        done = await wait_done(nc, "job-spend")
+        assert done.state == "completed", done.error
+        r = done.results["t1"]
+        assert r.state == "ok" and r.rounds_done == 1, r
+        assert r.stopped_at == "round-2" and "budget: measured spend $" in r.stop_reason
+        assert "> budget_usd $5" in r.stop_reason
+        assert r.spent_usd > 0 and r.spent_s > 0 and r.accuracy_aggregated is not None
+        stop = await events.wait_for(TenantBudgetStopped)
+        assert stop.tenant == "t1" and stop.round == 2 and stop.budget_usd == 5.0
+        assert stop.projected_usd > 5.0 and stop.spent_usd > 0
+        rounds = [e.round for e in events.seen if isinstance(e, TenantRoundCompleted)]
+        assert rounds == [1], rounds
+        rc = next(e for e in events.seen if isinstance(e, TenantRoundCompleted))
+        assert rc.tenants["t1"].spent_usd >= 0
+        trains = [j for j in agent.runner.jobs.values() if j.cmd.step == "tenant_train"]
+        assert len(trains) == 1
+        st = await asyncio.to_thread(ctl, nats_url, "tenants", "status", "job-spend")
+        assert "budget stop" in st.stdout and "stopped before round-2" in st.stdout, st.stdout
+        assert "spent (measured)" in Path(done.report_paths["markdown"]).read_text()
+        await events.stop()
+    finally:
+        agent.stop()
+        await asyncio.wait_for(task, 30)
         await nc.close()

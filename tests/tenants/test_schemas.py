@@ -31,7 +31,14 @@ STATUS = {"t1": {"state": "ok", "agent": "host-1", "student": "config:tiny", "ro
 FILL = {"spec": SPEC, "job_id": "01jzzzzzzzzzzzzzzzzzzzzzzz", "job": STATE, "jobs": [STATE],
         "code": "config", "message": "m", "name": "tenants", "tenants": STATUS,
         "stage": "round-1", "round": 1, "rounds": 2, "rule": "acme-top-rank", "tenant": "t1"}
-OVERRIDE = {"tenant_job_submitted": {"tenants": ["t1"]}}
+OVERRIDE = {"tenant_job_submitted": {"tenants": ["t1"]},
+            "tenant_budget_stopped": {"round": 2, "spent_usd": 0.5, "projected_usd": 1.5,
+                                      "budget_usd": 1.0},
+            "tenant_endpoint_ready": {"endpoint": {
+                "student": "config:tiny", "agent": "host-1", "deployer": "builtin-multi",
+                "endpoint_id": "01jzzzzzzzzzzzzzzzzzzzzzzz-serve-0a1b2c3d",
+                "url": "http://127.0.0.1:8000/v1", "names": {"t1": "t1"},
+                "weights_bytes": {"t1": 0}, "state": "serving"}}}
 UNIONS = (TenantCommand, TenantReply, TenantEvent)
 DECODERS = (TENANT_COMMAND_DECODER, TENANT_REPLY_DECODER, TENANT_EVENT_DECODER)
 
