@@ -64,6 +64,7 @@ class Outcome:
     artifacts: dict[str, str] = field(default_factory=dict)
     error: JobFailed | None = None
     endpoint: EndpointDeployed | None = None
+    duration_s: float = 0.0  # the agent's own measure of a completed job (0: not known)
 
 
 class Dispatcher:
@@ -143,7 +144,8 @@ class Dispatcher:
         """Turn a job event into an outcome / progress callback."""
         outcome: Outcome | None = None
         if isinstance(event, JobCompleted):
-            outcome = Outcome("completed", dict(event.result), dict(event.artifacts))
+            outcome = Outcome("completed", dict(event.result), dict(event.artifacts),
+                              duration_s=float(event.duration_s))
         elif isinstance(event, JobFailed):
             outcome = Outcome("failed", error=event)
         elif isinstance(event, JobCancelled):

@@ -94,7 +94,8 @@ class Steps:
 
     async def _outcome(self, agent_id: str, step: RunStep) -> tuple[Any, float]:
         """Send the step, wait for its outcome (or its endpoint); (outcome, seconds on the
-        agent: from its acceptance to its outcome, the queue wait not counted)."""
+        agent: the agent's own measure of the job when its event carried one, else from its
+        acceptance to its outcome here; the queue wait is never counted)."""
         state = await self._send(agent_id, step)
         t0 = time.monotonic()
         if state in FINISHED and step.job_id not in self.dispatch.outcomes:
@@ -104,7 +105,8 @@ class Steps:
                 await self.dispatch.handle_event(event)
         outcome = await self.dispatch.wait(step.job_id, timeout=STEP_TIMEOUT_S)
         self.dispatch.raise_for(step.job_id, outcome)
-        return outcome, time.monotonic() - t0
+        measured = float(getattr(outcome, "duration_s", 0.0) or 0.0)
+        return outcome, measured if measured > 0 else time.monotonic() - t0
 
     async def run(self, agent_id: str, step: RunStep) -> tuple[dict[str, Any], dict[str, str]]:
         """Send the step, wait for it; (result, artifacts) or the job's StratosError.

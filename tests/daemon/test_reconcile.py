@@ -115,3 +115,14 @@ async def test_finished_jobs_are_forgotten(daemon: Any) -> None:
     assert (await asyncio.wait_for(busy, 10)).state == "completed"
     assert set(d.outcomes) <= {"busy-1"} and set(d.job_agent) <= {"busy-1"}
     assert not d._waiters
+
+
+async def test_a_completed_jobs_outcome_keeps_the_agents_own_duration(
+        daemon: Any, agent: Any) -> None:
+    # what tenant spend metering bills: the agent's measure, not the daemon's wait
+    install(daemon, {"probe_teachers": probe_job})
+    run, _ = await run_end(daemon, await submit(daemon))
+    assert run.state == "completed", run.error
+    job_id = run.jobs["probe#1"]
+    outcome = daemon.dispatch.outcomes[job_id]
+    assert outcome.state == "completed" and outcome.duration_s > 0
