@@ -9,6 +9,7 @@ import contextlib
 import json
 import sys
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import msgspec
 from nats.js import api as js_api
@@ -63,10 +64,11 @@ def _line(event: object) -> str | None:
     return None
 
 
-async def replay_and_follow(args: argparse.Namespace, subject: str,
-                            timeout_s: float = 0) -> AsyncGenerator[tuple[bytes, int], None]:
-    """Every event on `subject` from the start of the stream, then live, as (data, events
-    still pending after it). Raises TimeoutError when timeout_s (0: never) has passed."""
+async def replay_and_follow(args: argparse.Namespace, subject: str, decoder: Any,
+                            timeout_s: float = 0) -> AsyncGenerator[tuple[Any, int], None]:
+    """Every event on `subject` from the start of the stream, then live, as (the event
+    decoded with `decoder`, or None for a type this version does not know; events still
+    pending after it). Raises TimeoutError when timeout_s (0: never) has passed."""
     bus = await open_bus(args)
     queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
 
@@ -82,7 +84,11 @@ async def replay_and_follow(args: argparse.Namespace, subject: str,
     try:
         while True:
             timeout = None if deadline is None else max(0.01, deadline - loop.time())
-            yield await asyncio.wait_for(queue.get(), timeout)
+            data, pending = await asyncio.wait_for(queue.get(), timeout)
+            try:
+                yield decode_or_error(decoder, data), pending
+            except StratosError:
+                yield None, pending  # a newer event type: skipped
     finally:
         await sub.unsubscribe()
         await bus.close()
@@ -97,15 +103,11 @@ def follow(args: argparse.Namespace, run_id: str) -> int:
         tty = sys.stdout.isatty()
         progress_shown = False
         end: object | None = None  # the last terminal event, until a later one resumes
-        events = replay_and_follow(args, subjects.run_events(run_id),
+        events = replay_and_follow(args, subjects.run_events(run_id), EVENT_DECODER,
                                    getattr(args, "timeout", 0) or 0)
         async with contextlib.aclosing(events):
             try:
-                async for data, pending in events:
-                    try:
-                        event = decode_or_error(EVENT_DECODER, data)
-                    except StratosError:
-                        event = None  # a newer event type: skip it
+                async for event, pending in events:
                     if event is not None:
                         progress_shown = _show(event, args.json, tty, progress_shown)
                     if isinstance(event, TERMINAL):

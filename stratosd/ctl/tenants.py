@@ -43,7 +43,7 @@ from schemas.tenants import (
     TenantStatus,
 )
 from stratosd.ctl.common import add_common, dump_json, open_bus, run_async, table
-from stratosd.errors import BusUnavailable, ConfigError, RemoteError, StratosError
+from stratosd.errors import BusUnavailable, ConfigError, RemoteError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -224,14 +224,13 @@ def main_watch(args: argparse.Namespace) -> int:
         job: TenantJobState = (await ask(args, GetTenantJob(job_id=args.id))).job
         rounds = job.spec.aggregation.rounds
         end: Any = None
-        events = replay_and_follow(args, subjects.tenant_events(args.id), args.timeout or 0)
+        events = replay_and_follow(args, subjects.tenant_events(args.id),
+                                   TENANT_EVENT_DECODER, args.timeout or 0)
         async with contextlib.aclosing(events):
             try:
-                async for data, pending in events:
-                    try:
-                        ev = decode_or_error(TENANT_EVENT_DECODER, data)
-                    except StratosError:
-                        continue  # a newer event type
+                async for ev, pending in events:
+                    if ev is None:
+                        continue
                     if args.json:
                         print(msgspec.json.encode(ev).decode(), flush=True)
                     else:
