@@ -54,6 +54,8 @@ class JobWork(msgspec.Struct, frozen=True, kw_only=True):
     train_tokens: float = 0.0  # tokens trained on (rows x length x epochs, or steps x batch)
     train_steps: int = 0
     rollout_tokens: float = 0.0  # tokens GRPO generates
+    rollout_batch: int = 8  # completions GRPO generates together (its per-device batch)
+    rollout_length: int = 32  # new tokens per completion (max_completion_length)
     warm_start_tokens: float = 0.0  # tokens GRPO's SFT warm start trains on (before GRPO)
     warm_start_steps: int = 0  # optimizer steps of that SFT phase
     synth_rows: int = 0

@@ -165,8 +165,7 @@ def prior_phases(w: JobWork, offer: ServerOffer,
     flops = train_flops(w)
     train_s = flops / (sp.tflops * 1e12 * devices * eff * mfu) \
         + train_steps(w) * TRAIN_STEP_OVERHEAD_S[kind]
-    rollout = _decode_s(w.params, w.weight_bytes, w.rollout_tokens / 32.0, 32.0, 8, sp, kind) \
-        if w.rollout_tokens else 0.0
+    rollout = rollout_s(w, sp, kind)
     eval_s = _decode_s(w.params, w.weight_bytes, w.eval_prompts,
                        w.eval_new_tokens / max(w.eval_prompts, 1), EVAL_BATCH, sp, kind)
     if w.teacher_local:
@@ -208,9 +207,20 @@ def prior_phases(w: JobWork, offer: ServerOffer,
     return sp, phases
 
 
+def rollout_s(w: JobWork, sp: Speed, kind: str) -> float:
+    """Prior seconds of GRPO's generation: each step's completions decoded together (its
+    per-device batch), every one to max_completion_length (an upper bound: some stop early)."""
+    if not w.rollout_tokens:
+        return 0.0
+    length = float(max(w.rollout_length, 1))
+    return _decode_s(w.params, w.weight_bytes, w.rollout_tokens / length, length,
+                     max(w.rollout_batch, 1), sp, kind)
+
+
 def train_loop_prior_s(w: JobWork, offer: ServerOffer,
                        book: EfficiencyBook | None = None) -> float:
-    """Prior seconds of the training loop alone (what train_time_s measures)."""
+    """Prior seconds of the training loop alone (what train_time_s measures: GRPO's
+    rollouts included)."""
     tiny = w.params < TINY_PARAMS
     sp = offer_speed(offer, job_threads(offer, tiny) if offer.gpu_count == 0 else None)
     kind = "gpu" if offer.gpu_count > 0 else "cpu"
@@ -218,8 +228,9 @@ def train_loop_prior_s(w: JobWork, offer: ServerOffer,
 
     mfu = PRIOR_MFU_CPU if kind == "cpu" else PRIOR_MFU_GPU[size_bucket(w.params)]
     devices, eff, _src = scaling(sp, w, book)
+    # GRPO's loop generates its rollouts inside the steps train_time_s times
     return train_flops(w) / (sp.tflops * 1e12 * devices * eff * mfu) \
-        + train_steps(w) * TRAIN_STEP_OVERHEAD_S[kind]
+        + train_steps(w) * TRAIN_STEP_OVERHEAD_S[kind] + rollout_s(w, sp, kind)
 
 
 def observe_scaling(book: EfficiencyBook, w: JobWork, offer: ServerOffer, ranks: int,

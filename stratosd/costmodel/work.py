@@ -288,9 +288,10 @@ def estimate_work(
     trainable = (lora_r * shape.layers * 12 * shape.hidden if lora else shape.params)
     rollout = warm_tokens = 0.0
     warm_steps = 0
+    rollout_batch = _int(p.get("per_device_train_batch_size"), 4)
+    rollout_length = _int(p.get("max_completion_length"), 32)
     if spec.trainer == "grpo":
-        rollout = float(steps * _int(p.get("per_device_train_batch_size"), 4)
-                        * _int(p.get("max_completion_length"), 32))
+        rollout = float(steps * rollout_batch * rollout_length)
         warm_tokens, warm_steps = warm_start_work(spec, chosen.model, shape.params, p, n_rows,
                                                   full_row, notes)
     tries = _int(syn.get("tries"), 4)
@@ -322,6 +323,7 @@ def estimate_work(
         weight_bytes=shape.params * BYTES[dtype], hidden=shape.hidden, layers=shape.layers,
         seq_tokens=row_tokens, trainer=spec.trainer, dtype=dtype,
         train_tokens=tokens, train_steps=steps, rollout_tokens=rollout,
+        rollout_batch=max(rollout_batch, 1), rollout_length=max(rollout_length, 1),
         warm_start_tokens=warm_tokens, warm_start_steps=warm_steps,
         synth_rows=synth_rows * tries, synth_new_tokens=float(synth_rows * tries * max_new),
         synth_prompt_tokens=float(synth_rows * tries * sample.prompt_chars * tpc),

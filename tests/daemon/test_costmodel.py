@@ -98,7 +98,13 @@ def test_training_work_comes_from_the_job(plugins: Plugins) -> None:
 
 
 def test_grpo_warm_start_sft_is_training_work(plugins: Plugins, tmp_path: Path) -> None:
-    from stratosd.costmodel.model import TRAIN_STEP_OVERHEAD_S, train_flops, train_loop_prior_s
+    from stratosd.costmodel.capacity import job_threads, offer_speed
+    from stratosd.costmodel.model import (
+        TRAIN_STEP_OVERHEAD_S,
+        rollout_s,
+        train_flops,
+        train_loop_prior_s,
+    )
 
     char = [{"model": "config:small"}]  # char-level: a 150-char row is 151 tokens (eos)
     train = {**msgspec.to_builtins(parse_spec_toml(DEMO))["train"], "max_steps": 20}
@@ -114,10 +120,12 @@ def test_grpo_warm_start_sft_is_training_work(plugins: Plugins, tmp_path: Path) 
     assert auto.train_tokens == none.train_tokens and auto.train_steps == none.train_steps
     per_token = train_flops(none) / none.train_tokens
     assert train_flops(auto) - train_flops(none) == pytest.approx(100 * 151 * per_token)
-    rate = train_flops(none) / (train_loop_prior_s(none, CPU)
+    gen = rollout_s(none, offer_speed(CPU, job_threads(CPU, True)), "cpu")
+    assert gen > 0  # the loop includes GRPO's generation
+    rate = train_flops(none) / (train_loop_prior_s(none, CPU) - gen
                                 - none.train_steps * TRAIN_STEP_OVERHEAD_S["cpu"])
     assert train_loop_prior_s(auto, CPU) == pytest.approx(
-        train_flops(auto) / rate + (20 + 7) * TRAIN_STEP_OVERHEAD_S["cpu"])
+        train_flops(auto) / rate + (20 + 7) * TRAIN_STEP_OVERHEAD_S["cpu"] + gen)
     assert "SFT warm start" in auto.notes["warm_start"] and "100 rows" in auto.notes["warm_start"]
     assert "none" in none.notes["warm_start"]
     with_sft, without = (next(p for p in JobCosting(w).estimate(CPU).phases
@@ -346,3 +354,22 @@ def test_grpo_loop_record_counts_the_warm_start_it_estimates(plugins: Plugins) -
     loop = [v for k, v in costs.book.records.items() if k.endswith(".loop")]
     assert len(loop) == 1 and loop[0].n == 1
     assert loop[0].mean == pytest.approx(math.log(2.0), rel=1e-6)  # measured = 2 x the prior
+
+
+def test_grpo_rollouts_decode_a_steps_completions_together(plugins: Plugins) -> None:
+    from stratosd.costmodel.capacity import job_threads, offer_speed
+    from stratosd.costmodel.model import rollout_s
+
+    char = [{"model": "config:small"}]
+
+    def work(batch: int) -> Any:
+        train = {"max_steps": 10, "per_device_train_batch_size": batch,
+                 "max_completion_length": 24, "warm_start": "none"}
+        return estimate_work(spec(trainer="grpo", students=char, train=train), plugins)
+
+    w8, w16 = work(8), work(16)
+    assert (w16.rollout_batch, w16.rollout_length) == (16, 24)
+    assert w16.rollout_tokens == 10 * 16 * 24 == 2 * w8.rollout_tokens
+    sp = offer_speed(CPU, job_threads(CPU, True))
+    # twice the completions per step, decoded together: about the same time, not twice it
+    assert rollout_s(w16, sp, "cpu") < 1.5 * rollout_s(w8, sp, "cpu")
