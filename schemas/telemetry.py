@@ -19,7 +19,7 @@ class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     mem_total_mib: Annotated[int, Meta(ge=0)]
     mem_used_mib: Annotated[int, Meta(ge=0)] = 0
-    util_pct: Annotated[float, Meta(ge=0, le=100)] = 0.0
+    util_pct: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
 
 
 class Capacity(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,7 +57,7 @@ class AgentTelemetry(Message, frozen=True, kw_only=True, tag="agent_telemetry"):
     ram_total_mib: int = 0
     ram_used_mib: int = 0
     gpus: list[GpuInfo] = []
-    price_usd_per_hour: Annotated[float, Meta(ge=0)] = 0.0
+    price_usd_per_hour: Annotated[float, Meta(ge=0.0)] = 0.0
     latency_ms: float | None = None
     probe_latency_ms: float | None = None
     running_jobs: list[str] = []

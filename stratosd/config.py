@@ -31,7 +31,7 @@ class StratosConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     nats_tls_ca: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
-    connect_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
+    connect_timeout_s: Annotated[float, Meta(gt=0.0)] = 5.0
     # where large artifacts go: file:///shared/path or s3://bucket/prefix (unset: the bus's
     # object store); the bus then carries only a reference. Smaller files stay on the bus.
     artifact_store: str | None = None
@@ -79,12 +79,12 @@ class DaemonConfig(StratosConfig, kw_only=True, forbid_unknown_fields=True):
     # nats-server config for the embedded server (e.g. from `stratosctl auth init`)
     embedded_config: str | None = None
     missed_heartbeats: Annotated[int, Meta(ge=1)] = 3
-    liveness_check_s: Annotated[float, Meta(gt=0)] = 1.0
-    kv_flush_s: Annotated[float, Meta(gt=0)] = 5.0
-    ingest_report_s: Annotated[float, Meta(gt=0)] = 60.0
-    job_ack_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
+    liveness_check_s: Annotated[float, Meta(gt=0.0)] = 1.0
+    kv_flush_s: Annotated[float, Meta(gt=0.0)] = 5.0
+    ingest_report_s: Annotated[float, Meta(gt=0.0)] = 60.0
+    job_ack_timeout_s: Annotated[float, Meta(gt=0.0)] = 5.0
     stage_retries: Annotated[int, Meta(ge=0)] = 2
-    handler_grace_s: Annotated[float, Meta(ge=0)] = 10.0
+    handler_grace_s: Annotated[float, Meta(ge=0.0)] = 10.0
     # Prometheus metrics (docs/operations.md): unset = off; 0 = any free port (logged)
     metrics_port: Annotated[int, Meta(ge=0, le=65535)] | None = None
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 to let a remote Prometheus scrape
@@ -98,14 +98,14 @@ class AgentConfig(StratosConfig, kw_only=True, forbid_unknown_fields=True):
     """Agent settings: identity, price, region, telemetry cadence, calibration, thread cap."""
 
     agent_id: str = ""
-    price_usd_per_hour: Annotated[float, Meta(ge=0)] = 0.0
+    price_usd_per_hour: Annotated[float, Meta(ge=0.0)] = 0.0
     region: str = ""
-    telemetry_interval_s: Annotated[float, Meta(gt=0)] = 5.0
+    telemetry_interval_s: Annotated[float, Meta(gt=0.0)] = 5.0
     # user-facing latency targets: "URL" or "LABEL=URL" (e.g. "us-east=https://...")
     probe_url: str | list[str] | None = None
     work_dir: str | None = None
     max_jobs: Annotated[int, Meta(ge=1)] = 4
-    grace_s: Annotated[float, Meta(ge=0)] = 20.0
+    grace_s: Annotated[float, Meta(ge=0.0)] = 20.0
     calibrate: bool = True  # measure capacity at start (agents.calibrate)
     job_threads: Annotated[int, Meta(ge=0)] = 0  # CPU threads per job child; 0: torch default
 

@@ -79,3 +79,29 @@ def test_ids_are_sortable_lowercase_ulids() -> None:
     a, b = new_id(), new_id()
     assert is_id(a) and is_id(b) and a.islower()
     assert len({new_id() for _ in range(1000)}) == 1000
+
+
+def test_schema_files_do_not_depend_on_import_order() -> None:
+    # typing caches Annotated[float, Meta(ge=0)] and Annotated[float, Meta(ge=0.0)] as one
+    # type: the spelling msgspec sees is whichever module was imported first (CI saw 0.0
+    # where a lone run saw 0). The export writes bounds one way, and the code spells float
+    # bounds as floats so validation messages read the same whatever the import order.
+    import re
+    from typing import Annotated
+
+    from msgspec import Meta
+
+    from schemas.export import render
+
+    before = render()
+    Annotated[float, Meta(ge=0.0)]  # noqa: B018 - the other spelling, now cached
+    Annotated[float, Meta(ge=0)]  # noqa: B018
+    assert render() == before
+    root = Path(__file__).resolve().parents[2]
+    int_bound = re.compile(r"Annotated\[float, Meta\([^)]*\b(?:ge|gt|le|lt)=\d[\d_]*(?![._\d])")
+    offenders = [f"{p.relative_to(root)}:{i}"
+                 for d in ("schemas", "stratosd", "agents", "plugins")
+                 for p in sorted((root / d).rglob("*.py"))
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if int_bound.search(line)]
+    assert not offenders, f"write float bounds as floats (ge=0.0): {offenders}"
