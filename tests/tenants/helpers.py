@@ -115,3 +115,13 @@ def ctl(url: str, *args: str) -> subprocess.CompletedProcess[str]:
 def to_dict(obj: Any) -> Any:
     """A struct as plain data (for readable assertion messages)."""
     return msgspec.to_builtins(obj)
+
+
+async def stop_agents(agents: list[tuple[Any, Any]], nc: Any) -> None:
+    """Stop the test's agents (each waited for) and close its bus connection."""
+    import asyncio
+
+    for a, task in agents:
+        a.stop()
+        await asyncio.wait_for(task, 30)
+    await nc.close()

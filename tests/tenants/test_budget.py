@@ -27,7 +27,7 @@ from schemas.tenants import (
 from stratosd.costmodel.learn import EfficiencyBook
 from stratosd.tenants import budget
 from tests.conftest import start_agent
-from tests.tenants.helpers import Events, ask, ctl, small_job, wait_done
+from tests.tenants.helpers import Events, ask, ctl, small_job, stop_agents, wait_done
 
 SIG = TenantSignature(tenant="t1", n_examples=120, question_hist=[], answer_hist=[],
                       mean_question_chars=8.0, mean_answer_chars=1.0, raw_bytes=4000)
@@ -96,10 +96,7 @@ async def test_tenant_over_budget_is_refused_before_training(nats_url: str, tmp_
         assert steps == {"tenant_signature", "tenant_probe"}, steps
         await events.stop()
     finally:
-        for a, task in agents:
-            a.stop()
-            await asyncio.wait_for(task, 30)
-        await nc.close()
+        await stop_agents(agents, nc)
 
 
 def test_round_boundary_check_uses_the_larger_of_estimate_and_last_round() -> None:

@@ -25,7 +25,7 @@ from schemas.tenants import (
 )
 from stratosd import hookimpl
 from tests.conftest import start_agent
-from tests.tenants.helpers import Events, ask, ctl, small_job, wait_done
+from tests.tenants.helpers import Events, ask, ctl, small_job, stop_agents, wait_done
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -117,7 +117,4 @@ async def test_one_endpoint_serves_every_tenant_by_name(nats_url: str, tmp_path:
         assert "stopped" in st.stdout
         await events.stop()
     finally:
-        for a, task in agents:
-            a.stop()
-            await asyncio.wait_for(task, 30)
-        await nc.close()
+        await stop_agents(agents, nc)

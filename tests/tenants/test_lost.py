@@ -24,7 +24,7 @@ from schemas.tenants import (
     TenantRoundStarted,
 )
 from tests.conftest import Proc, start_agent
-from tests.tenants.helpers import Events, ask, small_job, wait_done
+from tests.tenants.helpers import Events, ask, small_job, stop_agents, wait_done
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
@@ -83,7 +83,4 @@ async def test_agent_lost_mid_round_drops_the_tenant_and_the_rest_complete(
     finally:
         doomed.kill()
         doomed.stop()
-        for a, task in agents:
-            a.stop()
-            await asyncio.wait_for(task, 30)
-        await nc.close()
+        await stop_agents(agents, nc)

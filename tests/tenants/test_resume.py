@@ -20,7 +20,7 @@ from schemas.tenants import (
 )
 from stratosd.config import DaemonConfig
 from tests.conftest import running_daemon, start_agent
-from tests.tenants.helpers import Events, ask, small_job, wait_done
+from tests.tenants.helpers import Events, ask, small_job, stop_agents, wait_done
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
@@ -60,7 +60,4 @@ async def test_tenant_job_resumes_after_a_daemon_restart(nats_url: str, tmp_path
             assert steps["tenant_evaluate"] == 1, steps
             assert all(j.state == "completed" for j in agent.runner.jobs.values())
     finally:
-        for a, task in agents:
-            a.stop()
-            await asyncio.wait_for(task, 30)
-        await nc.close()
+        await stop_agents(agents, nc)
