@@ -124,16 +124,27 @@ class TenantSignature(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CandidatePoint(msgspec.Struct, frozen=True, kw_only=True):
-    """One student candidate for one tenant: measured on its agent or predicted."""
+    """One student candidate for one tenant: measured on its agent or predicted (then every
+    quality and latency figure of it is predicted, `basis` says from what)."""
 
     model: str
     params: int
-    accuracy: float
+    accuracy: float  # exact match on the probe rows
     latency_ms: float
     memory_mib: float
     predicted: bool = False
     fits: bool = True
     why_not: str = ""  # the limit it breaks
+    # graded quality (teacher-forced on the gold targets of the probe rows), None if not known
+    partial: float | None = None  # the task's partial credit (= accuracy when it has none)
+    token_accuracy: float | None = None  # share of target tokens that are the model's argmax
+    target_nll: float | None = None  # mean negative log-likelihood per target token (nats)
+    target_nll_se: float | None = None  # its standard error over the probe rows
+    n_probe: int = 0  # probe rows it was measured on
+    fit_first_loss: float | None = None  # the probe fit's training loss, first and last step
+    fit_final_loss: float | None = None
+    quality: float | None = None  # its value on the pick's quality axis (set by the pick)
+    basis: str = ""  # a predicted point: from which measured points, by which fit
 
 
 class StudentPick(msgspec.Struct, frozen=True, kw_only=True):
@@ -147,6 +158,8 @@ class StudentPick(msgspec.Struct, frozen=True, kw_only=True):
     pareto: list[str] = []
     scores: dict[str, float] = {}  # model → trade-off score (fitting candidates)
     baselines: dict[str, str] = {}  # highest-accuracy / largest / random → model
+    quality_metric: str = "accuracy"  # the quality axis: accuracy, partial, target_prob, none
+    quality_note: str = ""  # why that axis (what did or did not separate the candidates)
 
 
 class AdapterUpdate(msgspec.Struct, frozen=True, kw_only=True):

@@ -172,13 +172,55 @@ def fit(ctx: StepContext, task: TaskPack, examples: list[Example], *, model: str
 def evaluate_model(ctx: StepContext, task: TaskPack, examples: list[Example], model: str, *,
                    seed: int = 0, max_new_tokens: int = 12, batch_size: int = 64
                    ) -> dict[str, Any]:
-    """Accuracy and mean latency per answer of model on examples (task's scoring)."""
+    """Accuracy, partial credit and mean latency per answer of model on examples (the task's
+    scoring)."""
     from plugins.models.evaluate import evaluate, local_generator
 
     generate = local_generator(model, seed=seed, max_new_tokens=max_new_tokens)
     res = evaluate(task, examples, generate, batch_size=batch_size, max_records=0)
     return {"accuracy": res.accuracy, "n": res.n, "correct": res.correct,
-            "latency_ms": res.latency_ms_mean}
+            "partial": res.partial, "latency_ms": res.latency_ms_mean}
+
+
+def target_scores(task: TaskPack, examples: list[Example], model: str, *, seed: int = 0
+                  ) -> dict[str, Any]:
+    """Graded quality of model on examples, teacher-forced on each gold target as it is trained
+    (`prompting.encode_example` of `task.format_target("", answer)`, completion tokens only):
+    `token_accuracy` (share of target tokens that are the model's argmax), `target_nll` (the
+    rows' mean of each row's negative log-likelihood per target token, nats) and
+    `target_nll_se` (its standard error over the rows). Unlike exact match these move as soon as
+    a model learns anything of the targets."""
+    import statistics
+
+    import torch
+
+    from plugins.models import prompting
+    from plugins.models.hf import load_model
+
+    loaded, tokenizer = load_model(model, seed=seed)
+    net: Any = loaded
+    net.eval()
+    device = next(net.parameters()).device
+    row_nll: list[float] = []
+    tokens = hits = 0
+    with torch.inference_mode():
+        for ex in examples:
+            enc = prompting.encode_example(tokenizer, prompting.task_messages(task, ex.question),
+                                           task.format_target("", ex.answer))
+            ids = torch.tensor([enc["input_ids"]], device=device)
+            mask = torch.tensor(enc["completion_mask"][1:], device=device).bool()
+            logp = torch.log_softmax(net(input_ids=ids).logits[0, :-1][mask].float(), dim=-1)
+            gold = ids[0, 1:][mask]
+            if not len(gold):
+                continue
+            row_nll.append(-float(logp.gather(1, gold[:, None]).mean()))
+            hits += int((logp.argmax(dim=-1) == gold).sum())
+            tokens += len(gold)
+    if not row_nll:
+        return {"token_accuracy": None, "target_nll": None, "target_nll_se": None}
+    se = statistics.stdev(row_nll) / len(row_nll) ** 0.5 if len(row_nll) > 1 else 0.0
+    return {"token_accuracy": hits / tokens, "target_nll": statistics.fmean(row_nll),
+            "target_nll_se": se}
 
 
 def param_count(model: str) -> int:
