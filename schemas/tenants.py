@@ -62,7 +62,7 @@ class StudentChoice(Strict, frozen=True, kw_only=True):
         default_factory=lambda: ["config:tiny"])
     measure: list[Name] = []  # empty: measure every candidate
     probe_size: Annotated[int, Meta(ge=1, le=10_000)] = 16
-    fit_steps: Annotated[int, Meta(ge=0)] = 20
+    fit_steps: Annotated[int, Meta(ge=0)] = 40  # the probe fit's loss plateaus by ~40
     rule: Literal["pareto", "highest-accuracy", "largest", "random"] = "pareto"
     weights: TradeoffWeights = TradeoffWeights()
 

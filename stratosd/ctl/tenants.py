@@ -165,6 +165,11 @@ def print_job(job: TenantJobState) -> None:
               + "; weights moved: " + ", ".join(f"{k} {v} B"
                                                 for k, v in sorted(ep.weights_bytes.items())))
     for name, r in sorted(job.results.items()):
+        if r.pick is not None:
+            p = r.pick
+            print(f"{name} student {p.chosen} ({p.rule}; quality axis {p.quality_metric}"
+                  + (f": {p.quality_note}" if p.quality_note else "") + "); baselines "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(p.baselines.items())))
         if r.endpoint_url:
             print(f"{name} served at {r.endpoint_url} as model={r.served_name}")
         if r.stopped_at:

@@ -74,16 +74,25 @@ def render_markdown(job: TenantJobState) -> str:
         if r.pick is not None:
             p = r.pick
             lines += [f"- pick ({p.rule}): **{p.chosen}**; {p.formula}",
+                      f"  - quality axis q = {p.quality_metric}"
+                      + (f": {p.quality_note}" if p.quality_note else ""),
                       "  - baselines: " + ", ".join(f"{k} → {v}"
                                                      for k, v in sorted(p.baselines.items())),
-                      "", "  | model | params | acc | latency ms | fits | score |",
-                      "  |---|---|---|---|---|---|"]
+                      "", "  | model | params | exact acc | target NLL/token | q | latency ms "
+                      "| fits | score |", "  |---|---|---|---|---|---|---|---|"]
             for pt in p.points:
                 tag = " (predicted)" if pt.predicted else ""
                 score = p.scores.get(pt.model)
-                lines.append(f"  | {pt.model} | {pt.params} | {pt.accuracy:.3f}{tag} | "
-                             f"{pt.latency_ms:.1f}{tag} | {'yes' if pt.fits else pt.why_not} | "
+                nll = "-" if pt.target_nll is None else (
+                    f"{pt.target_nll:.3f}" + (f" ± {pt.target_nll_se:.3f}"
+                                              if pt.target_nll_se is not None else ""))
+                q = "-" if pt.quality is None else f"{pt.quality:.4g}"
+                lines.append(f"  | {pt.model} | {pt.params} | {pt.accuracy:.3f}{tag} | {nll} | "
+                             f"{q} | {pt.latency_ms:.1f}{tag} | "
+                             f"{'yes' if pt.fits else pt.why_not} | "
                              f"{'-' if score is None else f'{score:.3f}'} |")
+            lines += [f"  - {pt.model} predicted from {pt.basis}"
+                      for pt in p.points if pt.predicted and pt.basis]
         lines.append("")
     return "\n".join(lines)
 
