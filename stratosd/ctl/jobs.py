@@ -9,6 +9,7 @@ from stratosd.ctl.common import add_common, ago, ask, dump_json, run_async, tabl
 
 if TYPE_CHECKING:
     from schemas.commands import RunInfo
+    from stratosd.errors import RemoteError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -20,8 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=main_list)
     s = sub.add_parser("status", help="one run's state, stage results and error",
                        description="Show a run: its state, each finished stage's key result, "
-                       "and for a failed or stopped run what happened and what to do.")
-    s.add_argument("id", help="run id (from `stratosctl jobs`)")
+                       "and for a failed or stopped run what happened and what to do. A "
+                       "tenants job's id shows its per-tenant state (as `tenants status`).")
+    s.add_argument("id", help="run id (from `stratosctl jobs`) or tenants job id")
     add_common(s)
     s.set_defaults(func=main_status)
 
@@ -95,14 +97,39 @@ def print_run(run: RunInfo) -> None:
 
 
 def main_status(args: argparse.Namespace) -> int:
-    """Print one run."""
+    """Print one run (or, for a tenants job's id, that job's per-tenant state)."""
+    import asyncio
+
     from schemas.commands import GetRun
+    from stratosd.errors import RemoteError
 
     async def go() -> int:
-        reply = await ask(args, "run", GetRun(run_id=args.id))
+        try:
+            reply = await ask(args, "run", GetRun(run_id=args.id))
+        except RemoteError as exc:
+            if not await is_tenant_job(args, exc):
+                raise
+            from stratosd.ctl.tenants import main_status as tenants_status
+
+            return await asyncio.to_thread(tenants_status, args)
         if args.json:
             dump_json(reply.run)
         else:
             print_run(reply.run)
         return 0
     return run_async(go)
+
+
+async def is_tenant_job(args: argparse.Namespace, run_error: RemoteError) -> bool:
+    """True when the id that is no run is a tenants job's (status and watch show those too)."""
+    if run_error.remote_code != "not_found":
+        return False
+    from schemas.tenants import GetTenantJob
+    from stratosd.ctl.tenants import ask as ask_tenants
+    from stratosd.errors import BusUnavailable, RemoteError
+
+    try:
+        await ask_tenants(args, GetTenantJob(job_id=args.id))
+    except (RemoteError, BusUnavailable):
+        return False
+    return True

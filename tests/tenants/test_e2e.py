@@ -81,6 +81,14 @@ async def test_two_tenants_on_two_agents_data_never_leaves(nats_url: str, tmp_pa
         assert w.returncode == 0, w.stderr
         assert "round 1/1" in w.stdout and "job completed" in w.stdout
         assert "bytes sent" in w.stdout
+        # the run commands take a tenants job's id too
+        rs = await asyncio.to_thread(ctl, nats_url, "status", "job-e2e")
+        assert rs.returncode == 0, rs.stderr
+        assert rs.stdout == st.stdout
+        rw = await asyncio.to_thread(ctl, nats_url, "watch", "job-e2e", "--timeout", "30")
+        assert rw.returncode == 0 and rw.stdout == w.stdout, rw.stderr
+        nope = await asyncio.to_thread(ctl, nats_url, "status", "no-such-job")
+        assert nope.returncode == 4 and "no run with id 'no-such-job'" in nope.stderr
         assert Path(done.report_paths["markdown"]).read_text().count("## Tenant") == 2
         await spy.flush()
         # the bus: nothing any process published carries a tenant's rows
