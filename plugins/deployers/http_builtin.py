@@ -104,6 +104,32 @@ class OpenAIServer:
             self._httpd = None
             log.info("builtin_server_stopped", url=self.url)
 
+    def serve_deployment(self, ctx: DeployContext, **ready: Any) -> None:
+        """A deployer's life: start, self-check /health, report ready (the url and `ready`),
+        serve until ctx.should_stop(), stop."""
+        import httpx
+
+        url = self.start()
+        try:
+            httpx.get(url.removesuffix("/v1") + "/health", timeout=10).raise_for_status()
+            ctx.ready(url=url, **ready)
+            while not ctx.should_stop():
+                time.sleep(0.2)
+        finally:
+            self.stop()
+
+    def serve_forever(self, what: str) -> None:
+        """By hand: start, print `what at URL`, serve until Ctrl-C, stop."""
+        url = self.start()
+        print(f"{what} at {url}", flush=True)  # noqa: T201 - CLI output
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
     def __enter__(self) -> OpenAIServer:
         self.start()
         return self
@@ -303,23 +329,13 @@ class BuiltinDeployer(Deployer):
 
     def serve(self, ctx: DeployContext) -> None:
         """Start the server, self-check /health, report ready, serve until should_stop()."""
-        import httpx
-
         model = str(ctx.adapter) if ctx.adapter else ctx.model
         server = OpenAIServer(
             model, host=ctx.host, port=ctx.port, served_name=ctx.served_name,
             seed=int(ctx.params.get("seed", 0)),
             max_new_tokens_cap=int(ctx.params.get("max_new_tokens_cap", 512)),
         )
-        url = server.start()
-        try:
-            health = httpx.get(url.removesuffix("/v1") + "/health", timeout=10)
-            health.raise_for_status()
-            ctx.ready(url=url, model=server.served_name)
-            while not ctx.should_stop():
-                time.sleep(0.2)
-        finally:
-            server.stop()
+        server.serve_deployment(ctx, model=server.served_name)
 
 
 @hookimpl
@@ -339,15 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     server = OpenAIServer(args.model, host=args.host, port=args.port,
                           served_name=args.served_name, seed=args.seed)
-    url = server.start()
-    print(f"serving {server.served_name} at {url}", flush=True)  # noqa: T201 - CLI output
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    server.serve_forever(f"serving {server.served_name}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import threading
-import time
 from collections.abc import Generator, Mapping
 from typing import Any, ClassVar
 
@@ -170,8 +169,6 @@ class MultiAdapterDeployer(Deployer):
 
     def serve(self, ctx: DeployContext) -> None:
         """Start the server, self-check /health, report ready, serve until should_stop()."""
-        import httpx
-
         adapters = ctx.params.get("adapters")
         if not isinstance(adapters, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in adapters.items()):
@@ -182,16 +179,9 @@ class MultiAdapterDeployer(Deployer):
             ctx.model, adapters, base_name=ctx.served_name or None, host=ctx.host,
             port=ctx.port, seed=int(ctx.params.get("seed", 0)),
             max_new_tokens_cap=int(ctx.params.get("max_new_tokens_cap", 512)))
-        url = server.start()
-        try:
-            httpx.get(url.removesuffix("/v1") + "/health", timeout=10).raise_for_status()
-            # `model` is a name the server answers to (the deploy step's latency probe asks
-            # for it); `served` lists them all
-            ctx.ready(url=url, model=server.base_name, served=server.names())
-            while not ctx.should_stop():
-                time.sleep(0.2)
-        finally:
-            server.stop()
+        # `model` is a name the server answers to (the deploy step's latency probe asks for
+        # it); `served` lists them all
+        server.serve_deployment(ctx, model=server.base_name, served=server.names())
 
 
 @hookimpl
@@ -211,15 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     adapters = dict(a.split("=", 1) for a in args.adapter)
     server = MultiAdapterServer(args.base, adapters, host=args.host, port=args.port)
-    url = server.start()
-    print(f"serving {', '.join(server.names())} at {url}", flush=True)  # noqa: T201 - CLI
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    server.serve_forever(f"serving {', '.join(server.names())}")
 
 
 if __name__ == "__main__":
