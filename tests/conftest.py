@@ -60,14 +60,18 @@ async def running_daemon(cfg: Any) -> AsyncIterator[Any]:
         await asyncio.wait_for(task, 30)
 
 
+def daemon_config(nats_url: str, tmp_path: Path, **over: Any) -> Any:
+    """The tests' DaemonConfig: quick liveness checks and KV flushes, home under tmp_path."""
+    from stratosd.config import DaemonConfig
+
+    return DaemonConfig(nats_url=nats_url, home=str(tmp_path / "home"), liveness_check_s=0.2,
+                        missed_heartbeats=3, kv_flush_s=0.5, **over)
+
+
 @pytest.fixture
 async def daemon(nats_url: str, tmp_path: Path) -> AsyncIterator[Any]:
     """A Daemon running in this event loop against the test server."""
-    from stratosd.config import DaemonConfig
-
-    cfg = DaemonConfig(nats_url=nats_url, home=str(tmp_path / "home"), liveness_check_s=0.2,
-                       missed_heartbeats=3, kv_flush_s=0.5)
-    async with running_daemon(cfg) as d:
+    async with running_daemon(daemon_config(nats_url, tmp_path)) as d:
         yield d
 
 

@@ -18,11 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from schemas import subjects
 from schemas.commands import SubmitRun
-from stratosd.config import DaemonConfig
 from stratosd.pipeline import STAGES, StageRun
 from stratosd.stages import run_job
 from stratosd.validate import spec_from_data
-from tests.conftest import ROOT, running_daemon, start_agent
+from tests.conftest import ROOT, daemon_config, running_daemon, start_agent
 
 SPEC: dict[str, Any] = {
     "name": "metrics",
@@ -36,9 +35,7 @@ COST_USD = {"synthesize": 0.25, "train": 1.5}  # what the stages below report as
 @pytest.fixture
 async def metered(nats_url: str, tmp_path: Path) -> AsyncIterator[Any]:
     """A daemon serving metrics on a free port."""
-    cfg = DaemonConfig(nats_url=nats_url, home=str(tmp_path / "home"), liveness_check_s=0.2,
-                       kv_flush_s=0.5, metrics_port=0)
-    async with running_daemon(cfg) as d:
+    async with running_daemon(daemon_config(nats_url, tmp_path, metrics_port=0)) as d:
         yield d
 
 

@@ -18,16 +18,14 @@ from schemas.tenants import (
     TenantJobResumed,
     TenantRoundStarted,
 )
-from stratosd.config import DaemonConfig
-from tests.conftest import running_daemon, start_agent
+from tests.conftest import daemon_config, running_daemon, start_agent
 from tests.tenants.helpers import Events, ask, small_job, stop_agents, wait_done
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 
 async def test_tenant_job_resumes_after_a_daemon_restart(nats_url: str, tmp_path: Path) -> None:
-    cfg = DaemonConfig(nats_url=nats_url, home=str(tmp_path / "home"), liveness_check_s=0.2,
-                       missed_heartbeats=3, kv_flush_s=0.5)
+    cfg = daemon_config(nats_url, tmp_path)
     files = {n: write_tenant_file(tmp_path / "private" / n / "data.jsonl", DESIGN[n], 40, i)
              for i, n in enumerate(("t1", "t3"))}
     nc = await nats.connect(nats_url)
