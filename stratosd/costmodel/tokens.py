@@ -26,6 +26,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 _LOCK = threading.Lock()
+_TOKENIZERS: dict[str, tuple[Any, str] | None] = {}  # model ref → (tokenizer, source)
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,13 @@ def _tokenizer_for(ref: str) -> tuple[Any, str] | None:
         return None
 
 
-@lru_cache(maxsize=32)
 def _cached_tokenizer(ref: str) -> tuple[Any, str] | None:
-    with _LOCK:  # one load per ref even when plans run in threads
-        return _tokenizer_for(ref)
+    """The tokenizer of ref, loaded once: plans run in threads, and two that miss together
+    must not both load (or train) it."""
+    with _LOCK:
+        if ref not in _TOKENIZERS:
+            _TOKENIZERS[ref] = _tokenizer_for(ref)
+        return _TOKENIZERS[ref]
 
 
 @lru_cache(maxsize=64)
