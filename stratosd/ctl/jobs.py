@@ -98,8 +98,6 @@ def print_run(run: RunInfo) -> None:
 
 def main_status(args: argparse.Namespace) -> int:
     """Print one run (or, for a tenants job's id, that job's per-tenant state)."""
-    import asyncio
-
     from schemas.commands import GetRun
     from stratosd.errors import RemoteError
 
@@ -109,9 +107,9 @@ def main_status(args: argparse.Namespace) -> int:
         except RemoteError as exc:
             if not await is_tenant_job(args, exc):
                 raise
-            from stratosd.ctl.tenants import main_status as tenants_status
+            from stratosd.ctl.tenants import show_status
 
-            return await asyncio.to_thread(tenants_status, args)
+            return await show_status(args)
         if args.json:
             dump_json(reply.run)
         else:

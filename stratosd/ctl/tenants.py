@@ -257,25 +257,28 @@ def main_watch(args: argparse.Namespace) -> int:
 
 def main_status(args: argparse.Namespace) -> int:
     """One job, or the list."""
-    async def go() -> int:
-        if args.id:
-            reply = await ask(args, GetTenantJob(job_id=args.id))
-            if args.json:
-                dump_json(reply)
-            else:
-                print_job(reply.job)
-            return 0
-        listing: TenantJobList = await ask(args, ListTenantJobs())
+    return run_async(lambda: show_status(args))
+
+
+async def show_status(args: argparse.Namespace) -> int:
+    """Print one job (args.id), or the list of jobs."""
+    if args.id:
+        reply = await ask(args, GetTenantJob(job_id=args.id))
         if args.json:
-            dump_json(listing)
+            dump_json(reply)
         else:
-            print(table([[j.job_id, j.name, j.state, j.stage,
-                          f"{sum(r.state == 'ok' for r in j.results.values())}"
-                          f"/{len(j.spec.tenants)}"]
-                         for j in listing.jobs], ["job", "name", "state", "stage",
-                                                  "tenants ok"]))
+            print_job(reply.job)
         return 0
-    return run_async(go)
+    listing: TenantJobList = await ask(args, ListTenantJobs())
+    if args.json:
+        dump_json(listing)
+    else:
+        print(table([[j.job_id, j.name, j.state, j.stage,
+                      f"{sum(r.state == 'ok' for r in j.results.values())}"
+                      f"/{len(j.spec.tenants)}"]
+                     for j in listing.jobs], ["job", "name", "state", "stage",
+                                              "tenants ok"]))
+    return 0
 
 
 def main_cancel(args: argparse.Namespace) -> int:
