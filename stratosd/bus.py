@@ -7,7 +7,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -54,6 +54,31 @@ PING_INTERVAL_S = 10
 MAX_OUTSTANDING_PINGS = 3
 # how long publish_event resends an unacknowledged event (a stream's leader election)
 PUBLISH_RETRY_S = 20.0
+# what a JetStream call meets while a cluster elects a leader or the client reconnects
+FAILOVER_ERRORS: tuple[type[Exception], ...] = (
+    ServiceUnavailableError, NoStreamResponseError, nats.errors.TimeoutError,
+    nats.errors.NoRespondersError)
+T = TypeVar("T")
+
+
+async def through_failover(call: Callable[[], Awaitable[T]], *, within_s: float,
+                           on_retry: Callable[[Exception], None], delay_s: float = 0.5,
+                           max_delay_s: float | None = None,
+                           errors: tuple[type[Exception], ...] = FAILOVER_ERRORS) -> T:
+    """call(), again after each of `errors` until within_s has passed (then that error is
+    raised); on_retry(error) before each wait; the wait doubles up to max_delay_s (default:
+    it stays delay_s)."""
+    deadline = time.monotonic() + within_s
+    delay, top = delay_s, delay_s if max_delay_s is None else max_delay_s
+    while True:
+        try:
+            return await call()
+        except errors as exc:
+            if time.monotonic() >= deadline:
+                raise
+            on_retry(exc)
+            await asyncio.sleep(delay)
+            delay = min(top, delay * 2)
 
 
 async def connect(
@@ -198,20 +223,18 @@ class Bus:
         log.info("jetstream_replicas", replicas=self.replicas, cluster_nodes=nodes,
                  cluster=self.nc._server_info.get("cluster"),
                  source="forced" if self._forced else "cluster size")
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                await self._create_all()
-                return
-            except (ServiceUnavailableError, nats.errors.TimeoutError,
-                    nats.errors.NoRespondersError) as exc:
-                if time.monotonic() > deadline:
-                    raise BusUnavailable(
-                        f"JetStream did not become available within {wait_s:.0f}s: {exc}",
-                        hint="check that JetStream is enabled and that a majority of the "
-                        "cluster's servers are up and routed to each other") from None
-                log.info("jetstream_unavailable", error=str(exc) or type(exc).__name__)
-                await asyncio.sleep(1.0)
+        unavailable = (ServiceUnavailableError, nats.errors.TimeoutError,
+                       nats.errors.NoRespondersError)
+        try:
+            await through_failover(
+                self._create_all, within_s=wait_s, delay_s=1.0, errors=unavailable,
+                on_retry=lambda exc: log.info("jetstream_unavailable",
+                                              error=str(exc) or type(exc).__name__))
+        except unavailable as exc:
+            raise BusUnavailable(
+                f"JetStream did not become available within {wait_s:.0f}s: {exc}",
+                hint="check that JetStream is enabled and that a majority of the "
+                "cluster's servers are up and routed to each other") from None
 
     async def _create_all(self) -> None:
         streams = [
@@ -315,18 +338,10 @@ class Bus:
         publish gets no ack; it is sent again, the same id, for up to PUBLISH_RETRY_S.
         """
         data, headers = encode(event), {"Nats-Msg-Id": event.id}
-        deadline = time.monotonic() + PUBLISH_RETRY_S
-        while True:
-            try:
-                await self.js.publish(subject, data, headers=headers)
-                return
-            except (NoStreamResponseError, nats.errors.NoRespondersError,
-                    nats.errors.TimeoutError, ServiceUnavailableError) as exc:
-                if time.monotonic() >= deadline:
-                    raise
-                log.info("event_publish_retried", subject=subject,
-                         error=str(exc) or type(exc).__name__)
-                await asyncio.sleep(0.5)
+        await through_failover(
+            lambda: self.js.publish(subject, data, headers=headers), within_s=PUBLISH_RETRY_S,
+            on_retry=lambda exc: log.info("event_publish_retried", subject=subject,
+                                          error=str(exc) or type(exc).__name__))
 
     async def publish(self, subject: str, message: Message) -> None:
         """Core publish (telemetry: the stream captures it, no ack round trip)."""

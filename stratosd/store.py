@@ -10,50 +10,35 @@ when the stored value is what was written, and a real conflict otherwise.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
 import structlog
-from nats.js.errors import (
-    KeyNotFoundError,
-    KeyWrongLastSequenceError,
-    NoKeysError,
-    NoStreamResponseError,
-    ServiceUnavailableError,
-)
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 
 from schemas import subjects
 from schemas.base import encode, utc_now
 from schemas.commands import RunInfo
-from stratosd.bus import Bus
+from stratosd.bus import FAILOVER_ERRORS, Bus, through_failover
 from stratosd.errors import Conflict, NotFound
 
 log = structlog.stdlib.get_logger(__name__)
 RUN_DECODER = msgspec.json.Decoder(RunInfo)
 RETRY_S = 60.0  # longer than a cluster's leader election and a client's reconnect
 TRANSIENT: tuple[type[Exception], ...] = (
-    nats.errors.TimeoutError, nats.errors.NoRespondersError,
-    nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
-    NoStreamResponseError, ServiceUnavailableError, asyncio.TimeoutError)
+    *FAILOVER_ERRORS, nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError, asyncio.TimeoutError)
 T = TypeVar("T")
 
 
 async def retried(op: str, call: Callable[[], Awaitable[T]], retry_s: float = RETRY_S) -> T:
     """call(), again while the bus is failing over; the last error after retry_s."""
-    deadline = time.monotonic() + retry_s
-    delay = 0.25
-    while True:
-        try:
-            return await call()
-        except TRANSIENT as exc:
-            if time.monotonic() >= deadline:
-                raise
-            log.info("store_retried", op=op, error=str(exc) or type(exc).__name__)
-            await asyncio.sleep(delay)
-            delay = min(2.0, delay * 2)
+    return await through_failover(
+        call, within_s=retry_s, delay_s=0.25, max_delay_s=2.0, errors=TRANSIENT,
+        on_retry=lambda exc: log.info("store_retried", op=op,
+                                      error=str(exc) or type(exc).__name__))
 
 
 class RunStore:
