@@ -4,7 +4,6 @@ checkpointing and packing; and the memory estimate's account of each."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import pytest
 from schemas.specs import ServerOffer, StudentSpec
 from stratosd.errors import ConfigError, MissingDependency
 from stratosd.plugins import get_plugins
+from tests.memprobe import HAVE_PROCFS, peak_train_mib
 from tests.plugins.test_trainers import AddTask, ctx_for, write_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -383,51 +383,19 @@ def test_packing_removes_padding_and_keeps_the_completion_loss(tmp_path: Path) -
     assert torch.isfinite(torch.tensor(together))
 
 
-MEASURE = r"""
-import json, sys, torch
-from transformers import AutoModelForCausalLM, LlamaConfig
-from plugins.models.hf import model_config_dict, parse_config_ref
-
-def mib(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-ref, ckpt, seq, batch = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
-name, ov = parse_config_ref(ref)
-cfg = LlamaConfig(**model_config_dict(name, ov))
-x = torch.randint(5, cfg.vocab_size, (batch, seq))
-torch.set_num_threads(1)
-open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM (peak RSS) to the current RSS
-base = mib("VmRSS")
-model = AutoModelForCausalLM.from_config(cfg).float().train()
-if ckpt:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-for _ in range(2):
-    model(input_ids=x, labels=x).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-print(json.dumps({"peak_mib": mib("VmHWM") - base}))
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)  # two subprocesses of two fp32 steps at 4,096 tokens
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux procfs")
+@pytest.mark.skipif(not HAVE_PROCFS, reason="needs Linux procfs")
 def test_gradient_checkpointing_saving_matches_the_estimate_on_cpu() -> None:
     """Peak RSS of two fp32 AdamW steps on config:base (3.6M params, seq 512, batch 8) with and
-    without gradient checkpointing: the measured saving is the estimate's within 35%."""
+    without gradient checkpointing: the measured saving is the estimate's within 35%. Measured
+    with exact=True: under glibc's default the saving ranged 184-297 MiB over runs and machines."""
     from plugins.students.candidates import estimate_memory, model_dims
 
     ref, seq, batch = "config:base", 512, 8
 
-    def peak(ckpt: bool) -> float:
-        out = subprocess.run([sys.executable, "-c", MEASURE, ref, "1" if ckpt else "0",
-                              str(seq), str(batch)], capture_output=True, text=True, cwd=ROOT,
-                             check=True, timeout=120)
-        return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"])
-
-    plain, ckpt = peak(False), peak(True)
+    plain, ckpt = (peak_train_mib(ref, seq=seq, batch=batch, gradient_checkpointing=c, exact=True)
+                   for c in (False, True))
     est = {c: estimate_memory(model_dims(ref), trainer="full-sft", seq_len=seq,
                               batch_size=batch, dtype_bytes=4, gradient_checkpointing=c)
            for c in (False, True)}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import msgspec
@@ -13,6 +11,7 @@ import pytest
 from agents.stepctx import StepContext
 from schemas.specs import ServerOffer, StudentCandidate, StudentSpec, TaskSpec
 from stratosd.plugins import get_plugins
+from tests.memprobe import HAVE_PROCFS, peak_train_mib
 
 ROOT = Path(__file__).resolve().parents[2]
 BIG = "config:base?hidden_size=4096&intermediate_size=11008&num_hidden_layers=32&num_attention_heads=32&num_key_value_heads=32"  # noqa: E501 - a 7B Llama shape
@@ -105,45 +104,8 @@ def test_few_shot_prompt_uses_training_format() -> None:
 
 # --- memory estimate against a measurement ------------------------------------------------------
 
-MEASURE = r"""
-import json, sys, torch, peft
-from transformers import AutoModelForCausalLM, LlamaConfig
-from plugins.models.hf import model_config_dict, parse_config_ref
-
-def mib(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-ref, trainer, seq, batch, r = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
-name, ov = parse_config_ref(ref)
-cfg = LlamaConfig(**model_config_dict(name, ov))
-x = torch.randint(5, cfg.vocab_size, (batch, seq))
-torch.set_num_threads(1)
-open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM (peak RSS) to the current RSS
-base = mib("VmRSS")
-model = AutoModelForCausalLM.from_config(cfg).float().train()
-if trainer == "lora-sft":
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM"))
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-for _ in range(2):  # the second step runs with the Adam moments allocated
-    model(input_ids=x, labels=x).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-print(json.dumps({"peak_mib": mib("VmHWM") - base}))
-"""
-
-
-def measure_peak_mib(ref: str, trainer: str, seq: int, batch: int, r: int) -> float:
-    """Peak RSS growth (VmHWM after a reset) over building the model and two AdamW steps."""
-    out = subprocess.run([sys.executable, "-c", MEASURE, ref, trainer, str(seq), str(batch),
-                          str(r)], capture_output=True, text=True, cwd=ROOT, check=True,
-                         timeout=120)
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"])
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux procfs")
+@pytest.mark.skipif(not HAVE_PROCFS, reason="needs Linux procfs")
 @pytest.mark.parametrize("ref", [
     "config:base",  # 3.6M params
     "config:base?hidden_size=384&intermediate_size=1024&num_hidden_layers=8",  # 12M params
@@ -154,7 +116,7 @@ def test_estimate_within_30_percent_of_measured_cpu_peak(ref: str, trainer: str)
     from plugins.students.candidates import estimate_memory, model_dims
 
     seq, batch, r = 128, 8, 8
-    measured = measure_peak_mib(ref, trainer, seq, batch, r)
+    measured = peak_train_mib(ref, trainer=trainer, seq=seq, batch=batch, r=r)
     est = estimate_memory(model_dims(ref), trainer=trainer, seq_len=seq, batch_size=batch,
                           lora_r=r, dtype_bytes=4)["train_mib"]
     assert abs(est - measured) / measured < 0.30, (est, measured)
