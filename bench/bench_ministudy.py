@@ -7,9 +7,10 @@ demo job at --fast sizes) pinned to that agent by region, waits for it to finish
 the cost model's estimate (made before each phase ran, with its 90% interval and source)
 against the measurement: per phase and for the whole job, time and $. Runs go one at a time
 so they do not slow each other down. Round 1 starts from priors (fresh bus store); later
-rounds use what the earlier rounds taught the model.
+rounds use what the earlier rounds taught the model. `--trainer grpo` runs the same job with
+GRPO (its SFT warm start, then rollouts and updates), the demo's full SFT otherwise.
 
-    .venv/bin/python bench/bench_ministudy.py [--rounds 2] [--home DIR] [--json]
+    .venv/bin/python bench/bench_ministudy.py [--rounds 2] [--trainer grpo] [--home DIR] [--json]
 """
 
 from __future__ import annotations
@@ -48,13 +49,15 @@ from stratosd.validate import parse_spec_toml, spec_from_data  # noqa: E402
 AGENTS = (("cpu-1t", 0.40, "study-1t", 1), ("cpu-2t", 1.00, "study-2t", 2))
 
 
-def job_for(region: str, round_no: int) -> Any:
+def job_for(region: str, round_no: int, trainer: str | None = None) -> Any:
     """The demo job at --fast sizes, pinned to one agent by region, nothing deployed."""
     spec = parse_spec_toml(ROOT / "examples" / "mahjong-demo.toml")
     data = _merge(msgspec.to_builtins(spec), FAST)
     data = _merge(data, {"name": f"ministudy-{region}-r{round_no}", "deploy": False,
                          "constraints": {"region": region, "budget_usd": 5.0,
                                          "max_latency_ms": None, "target_accuracy": 0.0}})
+    if trainer:
+        data["trainer"] = trainer
     return spec_from_data(data, origin="bench_ministudy")
 
 
@@ -107,14 +110,14 @@ def rows_of(run: Any) -> dict[str, Any]:
     }
 
 
-async def study(home: Path, rounds: int) -> dict[str, Any]:
+async def study(home: Path, rounds: int, trainer: str | None = None) -> dict[str, Any]:
     """Start everything, run the job rounds x agents times, return the rows."""
     import os
 
     os.environ["STRATOS_HOME"] = str(home)
     stack = Stack(home)
     users = UsersEndpoint()
-    out: dict[str, Any] = {"agents": {}, "runs": []}
+    out: dict[str, Any] = {"agents": {}, "runs": [], "trainer": trainer or "full-sft (the demo's)"}
     try:
         stack.spawn("daemon", "stratosd", "--log-format", "json")
         bus = await _wait_daemon(home)
@@ -137,7 +140,7 @@ async def study(home: Path, rounds: int) -> dict[str, Any]:
             for agent_id, _price, region, _threads in AGENTS:
                 t0 = time.monotonic()
                 acc = await bus.request(subjects.daemon_cmd("submit"),
-                                        SubmitRun(spec=job_for(region, r)))
+                                        SubmitRun(spec=job_for(region, r, trainer)))
                 while True:
                     run = (await bus.request(subjects.daemon_cmd("run"),
                                              GetRun(run_id=acc.ref))).run
@@ -163,8 +166,9 @@ def _f(v: float | None, fmt: str) -> str:
 
 def print_table(res: dict[str, Any]) -> None:
     """The study as text."""
-    print("Measured mini-study: the demo job at --fast sizes on two local agents "
-          "(estimates made before each phase ran; 90% interval; measured = wall time)")
+    print(f"Measured mini-study: the demo job at --fast sizes on two local agents, trainer "
+          f"{res['trainer']} (estimates made before each phase ran; 90% interval; measured = "
+          "wall time)")
     for a, info in res["agents"].items():
         print(f"  {a}: {info['threads']} torch thread(s), {info['gflops_fp32']} GFLOP/s fp32 "
               f"(calibrated at start), ${info['price_usd_per_hour']:.2f}/h")
@@ -194,12 +198,14 @@ def main() -> None:
                     help="runs per agent (round 1 from priors, later ones learned)")
     ap.add_argument("--home", default=None,
                     help="state dir (default: a fresh temporary one, so round 1 is priors)")
+    ap.add_argument("--trainer", choices=("full-sft", "lora-sft", "grpo"), default=None,
+                    help="the job's trainer (default: the demo's full-sft)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="stratos-ministudy-") as tmp:
         home = Path(args.home or tmp).resolve()
         home.mkdir(parents=True, exist_ok=True)
-        res = asyncio.run(study(home, args.rounds))
+        res = asyncio.run(study(home, args.rounds, args.trainer))
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     else:
