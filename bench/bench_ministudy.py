@@ -10,7 +10,8 @@ so they do not slow each other down. Round 1 starts from priors (fresh bus store
 rounds use what the earlier rounds taught the model. `--trainer grpo` runs the same job with
 GRPO (its SFT warm start, then rollouts and updates), the demo's full SFT otherwise.
 
-    .venv/bin/python bench/bench_ministudy.py [--rounds 2] [--trainer grpo] [--home DIR] [--json]
+    .venv/bin/python bench/bench_ministudy.py [--rounds 2] [--trainer grpo] [--max-steps N]
+                                              [--home DIR] [--json]
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ from stratosd.validate import parse_spec_toml, spec_from_data  # noqa: E402
 AGENTS = (("cpu-1t", 0.40, "study-1t", 1), ("cpu-2t", 1.00, "study-2t", 2))
 
 
-def job_for(region: str, round_no: int, trainer: str | None = None) -> Any:
+def job_for(region: str, round_no: int, trainer: str | None = None,
+            max_steps: int | None = None) -> Any:
     """The demo job at --fast sizes, pinned to one agent by region, nothing deployed."""
     spec = parse_spec_toml(ROOT / "examples" / "mahjong-demo.toml")
     data = _merge(msgspec.to_builtins(spec), FAST)
@@ -58,6 +60,8 @@ def job_for(region: str, round_no: int, trainer: str | None = None) -> Any:
                                          "max_latency_ms": None, "target_accuracy": 0.0}})
     if trainer:
         data["trainer"] = trainer
+    if max_steps:
+        data["train"]["max_steps"] = max_steps
     return spec_from_data(data, origin="bench_ministudy")
 
 
@@ -110,14 +114,16 @@ def rows_of(run: Any) -> dict[str, Any]:
     }
 
 
-async def study(home: Path, rounds: int, trainer: str | None = None) -> dict[str, Any]:
+async def study(home: Path, rounds: int, trainer: str | None = None,
+                max_steps: int | None = None) -> dict[str, Any]:
     """Start everything, run the job rounds x agents times, return the rows."""
     import os
 
     os.environ["STRATOS_HOME"] = str(home)
     stack = Stack(home)
     users = UsersEndpoint()
-    out: dict[str, Any] = {"agents": {}, "runs": [], "trainer": trainer or "full-sft (the demo's)"}
+    out: dict[str, Any] = {"agents": {}, "runs": [], "trainer": trainer or "full-sft (the demo's)",
+                           "max_steps": max_steps or FAST["train"]["max_steps"]}
     try:
         stack.spawn("daemon", "stratosd", "--log-format", "json")
         bus = await _wait_daemon(home)
@@ -140,7 +146,7 @@ async def study(home: Path, rounds: int, trainer: str | None = None) -> dict[str
             for agent_id, _price, region, _threads in AGENTS:
                 t0 = time.monotonic()
                 acc = await bus.request(subjects.daemon_cmd("submit"),
-                                        SubmitRun(spec=job_for(region, r, trainer)))
+                                        SubmitRun(spec=job_for(region, r, trainer, max_steps)))
                 while True:
                     run = (await bus.request(subjects.daemon_cmd("run"),
                                              GetRun(run_id=acc.ref))).run
@@ -167,8 +173,8 @@ def _f(v: float | None, fmt: str) -> str:
 def print_table(res: dict[str, Any]) -> None:
     """The study as text."""
     print(f"Measured mini-study: the demo job at --fast sizes on two local agents, trainer "
-          f"{res['trainer']} (estimates made before each phase ran; 90% interval; measured = "
-          "wall time)")
+          f"{res['trainer']}, {res['max_steps']} steps (estimates made before each phase ran; "
+          "90% interval; measured = wall time)")
     for a, info in res["agents"].items():
         print(f"  {a}: {info['threads']} torch thread(s), {info['gflops_fp32']} GFLOP/s fp32 "
               f"(calibrated at start), ${info['price_usd_per_hour']:.2f}/h")
@@ -200,12 +206,14 @@ def main() -> None:
                     help="state dir (default: a fresh temporary one, so round 1 is priors)")
     ap.add_argument("--trainer", choices=("full-sft", "lora-sft", "grpo"), default=None,
                     help="the job's trainer (default: the demo's full-sft)")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="training steps (default: the demo's --fast 8)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="stratos-ministudy-") as tmp:
         home = Path(args.home or tmp).resolve()
         home.mkdir(parents=True, exist_ok=True)
-        res = asyncio.run(study(home, args.rounds, args.trainer))
+        res = asyncio.run(study(home, args.rounds, args.trainer, args.max_steps))
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     else:
