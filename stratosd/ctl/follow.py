@@ -32,7 +32,7 @@ from schemas.events import (
 from stratosd.ctl.common import ask, bar, open_bus, run_async
 from stratosd.ctl.jobs import summarize
 from stratosd.errors import StratosError
-from stratosd.pipeline import resume_hint
+from stratosd.resume import resume_hint
 
 TERMINAL = (RunCompleted, RunFailed, RunCancelled, RunBudgetExhausted)
 EXIT_STOPPED = 4  # stopped by its budget: waits for `stratosctl resume`

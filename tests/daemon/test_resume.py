@@ -27,7 +27,8 @@ from schemas.events import (
     RunStageStarted,
 )
 from stratosd.errors import JobFailed, RemoteError
-from stratosd.pipeline import STAGES, BudgetVerdict, StageRun, apply_overrides
+from stratosd.pipeline import STAGES, BudgetVerdict, StageRun
+from stratosd.resume import apply_overrides
 from stratosd.validate import spec_from_data
 
 SPEC: dict[str, Any] = {
