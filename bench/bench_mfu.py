@@ -1,4 +1,4 @@
-"""CPU training speed by student size: where the cost model's CPU training priors come from.
+"""CPU training and decode speed by student size: where the cost model's CPU priors come from.
 
 For each student, one `train` job through the agent's child entry point (`python -m
 agents.worker job.json`, exactly what an agent spawns) with the full-sft trainer on the demo's
@@ -14,7 +14,21 @@ launch costs that a FLOP count never sees) and the MFU of the FLOP-bound part. T
 model's CPU priors (`stratosd.costmodel.model.PRIOR_MFU_CPU` and
 `TRAIN_STEP_OVERHEAD_S["cpu"]`) are these fitted values; rerun this elsewhere to check them.
 
-Run: .venv/bin/python bench/bench_mfu.py [--steps 120] [--students config:... ...]
+Decode (`--part decode`): the same students answer the demo's test prompts through the
+evaluate step's own generator (`plugins.models.evaluate.local_generator`: chat-rendered,
+left-padded, greedy) at the batch sizes of the probe, GRPO's rollouts and evaluation. It prints
+the seconds per decode step (one new token for the whole batch) and fits
+
+    decode step seconds = layers x per-layer overhead
+                          + max(weight bytes / memory bandwidth, 2 x params x batch / rate) / MFU
+
+by least squares (both terms non-negative: no intercept), the form of
+`stratosd.costmodel.model._decode_s`. Eager generate() runs a dozen small ops per layer for each
+new token, whose launch costs outweigh the FLOPs of a tiny model. `DECODE_LAYER_S["cpu"]` and
+`MFU_DECODE["cpu"]` are these fitted values.
+
+Run: .venv/bin/python bench/bench_mfu.py [--part train|decode|both] [--steps 120]
+                                         [--students config:... ...]
 """
 
 from __future__ import annotations
@@ -90,6 +104,63 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - b * mx, b
 
 
+def measure_decode(model: str, prompts: list[str], batch: int, new_tokens: int,
+                   repeats: int) -> tuple[float, int]:
+    """(seconds, decode steps) of `repeats` batches through the evaluate step's generator; a
+    batch takes as many steps as its longest answer (generate runs until all have stopped)."""
+    from plugins.models.evaluate import local_generator
+
+    generate = local_generator(model, max_new_tokens=new_tokens)
+    generate(prompts[:batch])  # warm-up: first-call allocations and lazy imports
+    seconds, steps = 0.0, 0
+    for r in range(repeats):
+        chunk = [prompts[(r * batch + i) % len(prompts)] for i in range(batch)]
+        t0 = time.perf_counter()
+        outs = generate(chunk)
+        seconds += time.perf_counter() - t0
+        steps += max(o.completion_tokens for o in outs)
+    return seconds, steps
+
+
+def decode_part(opts: argparse.Namespace, cap: Any) -> dict[str, Any]:
+    """Per student and batch size: seconds per decode step; then the fit."""
+    import torch
+
+    from stratosd.costmodel.work import model_shape
+    from stratosd.plugins import get_plugins
+
+    torch.set_num_threads(opts.threads)
+    rate = cap.matmul_tflops["fp32"] * 1e12
+    bw = (cap.mem_bw_gbps or 10.0) * 1e9
+    task = get_plugins().task(TASK["name"], {**TASK["params"], "n_test": 64})
+    prompts = [task.prompt(ex.question) for ex in task.examples("test")]
+    rows, points = [], []
+    for model in opts.students:
+        shape = model_shape(model)
+        params = shape.params
+        for batch in opts.decode_batches:
+            seconds, steps = measure_decode(model, prompts, batch, opts.new_tokens,
+                                            opts.decode_repeats)
+            step_s = seconds / max(steps, 1)
+            x = max(params * 4 / bw, 2 * params * batch / rate)  # fp32 weights on CPU
+            rows.append({"student": model, "params": params, "layers": shape.layers,
+                         "batch": batch, "steps": steps, "step_s": step_s, "bound_s": x})
+            points.append((shape.layers, x, step_s))
+            if not opts.json:
+                print(f"{model:<36} batch {batch:>2}  {step_s * 1e3:6.2f} ms/decode step "
+                      f"({steps} steps)  FLOP/bandwidth bound {x * 1e3:.3f} ms", flush=True)
+    import numpy as np
+
+    a = np.array([[layers, x] for layers, x, _ in points])
+    y = np.array([s for _, _, s in points])
+    (per_layer, per_bound), *_ = np.linalg.lstsq(a, y, rcond=None)
+    return {"students": rows, "mem_bw_gbps": bw / 1e9, "fit": {
+        "layer_overhead_s": float(per_layer),
+        "mfu": 1 / float(per_bound) if per_bound > 0 else float("nan"),
+        "residuals_pct": [float(100 * (p / t - 1)) for p, t in zip(a @ [per_layer, per_bound], y,
+                                                                  strict=True)]}}
+
+
 def main() -> None:
     """Print per student: s/step, tokens/s, MFU; then the fitted overhead and MFU."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -98,6 +169,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="the demo's batch")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: what an agent gives a tiny student)")
+    ap.add_argument("--part", choices=("train", "decode", "both"), default="both")
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[8, 16, 20],
+                    help="the probe's, GRPO rollouts' and the demo evaluation's batch")
+    ap.add_argument("--new-tokens", type=int, default=32, help="max new tokens per answer")
+    ap.add_argument("--decode-repeats", type=int, default=4, help="batches per point")
     ap.add_argument("--json", action="store_true")
     opts = ap.parse_args()
 
@@ -108,6 +184,18 @@ def main() -> None:
         tmp = Path(d)
         cap = measure(opts.threads, tmp)
         rate = cap.matmul_tflops["fp32"] * 1e12
+        out: dict[str, Any] = {"threads": opts.threads, "matmul_gflops_fp32": rate / 1e9}
+        if opts.part in ("decode", "both"):
+            out["decode"] = decode_part(opts, cap)
+            if not opts.json:
+                f = out["decode"]["fit"]
+                print(f"decode fit: {f['layer_overhead_s'] * 1e3:.3f} ms per layer + bound at "
+                      f"MFU {f['mfu']:.3f}; residuals "
+                      + ", ".join(f"{r:+.0f}%" for r in f["residuals_pct"]) + "\n", flush=True)
+        if opts.part == "decode":
+            if opts.json:
+                print(json.dumps(out))
+            return
         data = write_rows(tmp)
         rows, points = [], []
         for i, model in enumerate(opts.students):
@@ -128,11 +216,10 @@ def main() -> None:
                       f"{tokens_per_step / step_s:8.0f} tokens/s  MFU {mfu:.3f}", flush=True)
         overhead, per_flop = fit(points)
         fitted_mfu = 1 / (per_flop * rate) if per_flop > 0 else float("nan")
-        out = {"threads": opts.threads, "matmul_gflops_fp32": rate / 1e9, "steps": opts.steps,
-               "batch": opts.batch, "students": rows, "fit": {
+        out.update({"steps": opts.steps, "batch": opts.batch, "students": rows, "fit": {
                    "step_overhead_s": overhead, "mfu": fitted_mfu,
                    "residuals_pct": [100 * ((overhead + per_flop * x) / y - 1)
-                                     for x, y in points]}}
+                                     for x, y in points]}})
         if opts.json:
             print(json.dumps(out))
             return

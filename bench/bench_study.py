@@ -55,7 +55,7 @@ ACC_FORMULA = (f"accuracy(P) = {ACC_LO} + {ACC_HI - ACC_LO:.2f} / (1 + (P / {ACC
 SEQ_LEN, BATCH, LORA_R, CHECKPOINTING = 512, 8, 16, True
 HEADROOM = 0.9  # plugins.students.candidates.fit's usable share of memory
 ANSWER_TOKENS = 32
-DECODE_EFF = 0.5  # stratosd.costmodel.model.MFU_DECODE
+DECODE_EFF = 0.5  # stratosd.costmodel.model.MFU_DECODE["gpu"] (the study's fleets are GPUs)
 STUDY_PHASES = ("train", "evaluate", "deploy")
 EVAL_PROMPTS, EVAL_NEW_TOKENS = 100, 128
 # $/h per GPU (late-2025 on-demand/marketplace levels), MiB per GPU, share of a fleet's offers

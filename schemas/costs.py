@@ -64,6 +64,7 @@ class JobWork(msgspec.Struct, frozen=True, kw_only=True):
     teacher: str = ""
     teacher_local: bool = True  # runs on the server (hf, vllm, reference) vs an API
     teacher_params: float = 0.0
+    teacher_layers: int = 0  # a local teacher's depth: decode's per-layer cost
     teacher_usd: Estimate | None = None  # API teachers: $ for the synthesis
     teacher_tokens_per_s: float | None = None  # measured by the probe
     eval_prompts: int = 0

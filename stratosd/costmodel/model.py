@@ -12,8 +12,10 @@ Per phase, on one server (speeds per device from `capacity.offer_speed`, work fr
                costs no FLOP count sees: most of a tiny student's step on CPU; the warm
                start's steps included)
                + GRPO rollouts (decode, below) + a child's start-up and checkpoint uploads
-    decode     per step: max(weight bytes / memory bandwidth, 2P x batch / FLOP/s) / MFU_decode
-               + STEP_OVERHEAD_S (generate()'s own per-token cost), steps = new tokens / batch
+    decode     per step: max(weight bytes / memory bandwidth, 2P x batch / FLOP/s) / MFU_DECODE
+               + L x DECODE_LAYER_S + DECODE_STEP_S (generate()'s own per-token cost: eager
+               generation runs a dozen small ops per layer for each new token, which outweigh
+               a tiny model's FLOPs on CPU), steps = new tokens per sequence x batches
     synthesis  local teacher: decode with the teacher's size; remote API: tokens ÷ the teacher's
                probe-measured tokens/s (else API_TOKENS_PER_S) ÷ concurrency
     evaluate   decode of the test prompts (before and after training)
@@ -58,8 +60,11 @@ PRIOR_MFU_CPU = 0.6
 TRAIN_STEP_OVERHEAD_S = {"cpu": 0.047, "gpu": 0.03}
 PRIOR_MFU_GPU = {"<10M": 0.02, "10M-100M": 0.08, "100M-1B": 0.25, "1B-10B": 0.35,
                  ">10B": 0.4}
-MFU_DECODE = 0.5
-STEP_OVERHEAD_S = {"cpu": 0.004, "gpu": 0.02}
+# Decode on CPU: fitted by bench/bench_mfu.py --part decode (4 students, batches 8-20, 1
+# thread). GPU: stated priors, not measured (no GPU has been lent to measure them).
+MFU_DECODE = {"cpu": 0.107, "gpu": 0.5}
+DECODE_LAYER_S = {"cpu": 0.00043, "gpu": 0.0}
+DECODE_STEP_S = {"cpu": 0.0, "gpu": 0.02}
 STARTUP_S = {"cpu": 8.0, "gpu": 25.0}
 API_TOKENS_PER_S = 40.0  # one request's output speed when the probe measured none
 API_CONCURRENCY = 8
@@ -90,15 +95,15 @@ class Phase:
     basis: str
 
 
-def _decode_s(params: float, weight_bytes: float, sequences: float, new_tokens: float,
-              batch: int, sp: Speed, kind: str) -> float:
+def _decode_s(params: float, weight_bytes: float, layers: int, sequences: float,
+              new_tokens: float, batch: int, sp: Speed, kind: str) -> float:
     """Seconds to generate new_tokens per sequence for `sequences` prompts, batch at a time."""
     if sequences <= 0 or new_tokens <= 0:
         return 0.0
     steps = math.ceil(sequences / max(batch, 1)) * new_tokens
     per_step = max(weight_bytes / (sp.mem_bw_gbps * 1e9),
-                   2 * params * min(batch, sequences) / (sp.tflops * 1e12)) / MFU_DECODE
-    return steps * (per_step + STEP_OVERHEAD_S[kind])
+                   2 * params * min(batch, sequences) / (sp.tflops * 1e12)) / MFU_DECODE[kind]
+    return steps * (per_step + layers * DECODE_LAYER_S[kind] + DECODE_STEP_S[kind])
 
 
 def train_flops(w: JobWork) -> float:
@@ -166,11 +171,11 @@ def prior_phases(w: JobWork, offer: ServerOffer,
     train_s = flops / (sp.tflops * 1e12 * devices * eff * mfu) \
         + train_steps(w) * TRAIN_STEP_OVERHEAD_S[kind]
     rollout = rollout_s(w, sp, kind)
-    eval_s = _decode_s(w.params, w.weight_bytes, w.eval_prompts,
+    eval_s = _decode_s(w.params, w.weight_bytes, w.layers, w.eval_prompts,
                        w.eval_new_tokens / max(w.eval_prompts, 1), EVAL_BATCH, sp, kind)
     if w.teacher_local:
         tbytes = w.teacher_params * 4
-        synth = _decode_s(w.teacher_params, tbytes, w.synth_rows,
+        synth = _decode_s(w.teacher_params, tbytes, w.teacher_layers, w.synth_rows,
                           w.synth_new_tokens / max(w.synth_rows, 1), 8, sp, kind)
         synth_basis = (f"{w.synth_rows} generations by {w.teacher} on the server (decode: "
                        f"{w.synth_new_tokens:.3g} tokens)")
@@ -180,10 +185,11 @@ def prior_phases(w: JobWork, offer: ServerOffer,
         src = "probe-measured" if w.teacher_tokens_per_s else "assumed"
         synth_basis = (f"{w.synth_new_tokens:.3g} tokens from API teacher {w.teacher} at "
                        f"{tps:.0f} tokens/s ({src}) x {API_CONCURRENCY} concurrent")
-    probe = _decode_s(w.params, w.weight_bytes, PROBE_GENERATIONS, 64, 8, sp, kind)
+    probe = _decode_s(w.params, w.weight_bytes, w.layers, PROBE_GENERATIONS, 64, 8, sp, kind)
     prescreen = PRESCREEN_STEPS * (8 * w.seq_tokens * 6 * w.params / (sp.tflops * 1e12 * mfu)
                                    + TRAIN_STEP_OVERHEAD_S[kind])
-    deploy = _decode_s(w.params, w.weight_bytes, DEPLOY_REQUESTS, DEPLOY_TOKENS, 1, sp, kind)
+    deploy = _decode_s(w.params, w.weight_bytes, w.layers, DEPLOY_REQUESTS, DEPLOY_TOKENS, 1,
+                       sp, kind)
     phases = [
         Phase("probe", start + probe, "start-up + the teachers' probe generations"),
         Phase("prescreen", start + prescreen, f"start-up + {PRESCREEN_STEPS} pre-screen steps"),
@@ -213,7 +219,7 @@ def rollout_s(w: JobWork, sp: Speed, kind: str) -> float:
     if not w.rollout_tokens:
         return 0.0
     length = float(max(w.rollout_length, 1))
-    return _decode_s(w.params, w.weight_bytes, w.rollout_tokens / length, length,
+    return _decode_s(w.params, w.weight_bytes, w.layers, w.rollout_tokens / length, length,
                      max(w.rollout_batch, 1), sp, kind)
 
 

@@ -303,12 +303,13 @@ def estimate_work(
                             synth_rows * tries * max_new)
         if r and (usd is None or (u is not None and u.value > usd.value)):
             remote, usd, teacher = r, u, t
-    teacher_params = 0.0
+    teacher_params, teacher_layers = 0.0, 0
     if not remote:
         try:
-            teacher_params = model_shape(teacher.model).params
+            tshape = model_shape(teacher.model)
+            teacher_params, teacher_layers = tshape.params, tshape.layers
         except ConfigError:
-            teacher_params = 0.0  # a reasoner or an unsized local model: learned per phase
+            pass  # a reasoner or an unsized local model: learned per phase
     ev = _stage(spec, "evaluate")
     n_test = _int(ev.get("limit"), sample.test_rows) or sample.test_rows
     eval_new = _int(ev.get("max_new_tokens"), 128)
@@ -328,6 +329,7 @@ def estimate_work(
         synth_rows=synth_rows * tries, synth_new_tokens=float(synth_rows * tries * max_new),
         synth_prompt_tokens=float(synth_rows * tries * sample.prompt_chars * tpc),
         teacher=teacher.label, teacher_local=not remote, teacher_params=teacher_params,
+        teacher_layers=teacher_layers,
         teacher_usd=usd, teacher_tokens_per_s=tps, eval_prompts=2 * n_test,
         eval_new_tokens=float(2 * n_test * eval_new),
         artifact_bytes=shape.params * 4 * (3 if not lora else 1),
