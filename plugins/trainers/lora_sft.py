@@ -3,8 +3,9 @@
 The base is loaded as stored (bf16 checkpoints stay bf16: it is frozen) and the adapters train
 in fp32 under the run's autocast. `quantization = "4bit"` is QLoRA: the base's linear layers
 are NF4 (bitsandbytes, double quantization, bf16 compute where the GPU supports it), prepared
-with peft's `prepare_model_for_kbit_training`; it needs CUDA and `stratos[qlora]`, checked
-before any model is loaded.
+with peft's `prepare_model_for_kbit_training` (the other weights in fp32), always under
+autocast; trl's SFTTrainer then casts the adapters to bf16. It needs CUDA and
+`stratos[qlora]`, checked before any model is loaded.
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ class LoraSFTTrainer(SFTRecipe):
     def load(self, ctx: TrainContext, *, cuda: bool) -> tuple[Any, Any]:
         """The base as stored, or 4-bit (NF4) for QLoRA."""
         if quantization_of(ctx.params) == "4bit":
-            return load_4bit(ctx.model, seed=self.model_seed,
-                             checkpointing=bool(ctx.params.get("gradient_checkpointing")))
+            return load_4bit(ctx.model, seed=self.model_seed)
         return super().load(ctx, cuda=cuda)
 
     def precision(self, params: dict[str, Any], *, cuda: bool) -> Precision:
@@ -91,14 +91,15 @@ def check_qlora(*, cuda: bool) -> None:
         return
     if not cuda:
         raise ConfigError("quantization = \"4bit\" (QLoRA) needs a CUDA GPU; this host has none "
-                          "(bitsandbytes' 4-bit kernels run on CUDA)", hint=QLORA_HINT,
+                          "(Stratos trains on 4-bit bases on CUDA only)", hint=QLORA_HINT,
                           field="train.quantization")
     raise MissingDependency("quantization = \"4bit\" (QLoRA) needs bitsandbytes, which is "
                             "not installed", hint=QLORA_HINT, field="train.quantization")
 
 
-def load_4bit(ref: str, *, seed: int, checkpointing: bool) -> tuple[Any, Any]:
-    """A base model with NF4 linear layers on this rank's GPU, prepared for k-bit training."""
+def load_4bit(ref: str, *, seed: int, device: int | str | None = None) -> tuple[Any, Any]:
+    """A base model with NF4 linear layers on `device` (default: this rank's GPU, LOCAL_RANK),
+    prepared for k-bit training."""
     import os
 
     import torch
@@ -115,14 +116,18 @@ def load_4bit(ref: str, *, seed: int, checkpointing: bool) -> tuple[Any, Any]:
     compute = torch.bfloat16 if precision.device_bf16_supported() else torch.float16
     quant = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
-        bnb_4bit_use_double_quant=True)
-    device = int(os.environ.get("LOCAL_RANK", "0"))
+        bnb_4bit_use_double_quant=True,
+        # packed bytes; FSDP would need the compute dtype here, and LoRA-SFT never shards
+        bnb_4bit_quant_storage=torch.uint8)
+    if device is None:
+        device = int(os.environ.get("LOCAL_RANK", "0"))
     model = AutoModelForCausalLM.from_pretrained(local, quantization_config=quant, dtype=compute,
                                                  device_map={"": device})
-    # Casts norms and embeddings to fp32 and, when asked, turns on checkpointing the peft way.
+    # Casts the weights that stay unquantized (norms, embeddings, head) to fp32. Checkpointing
+    # is left to the Trainer (activation_checkpointing, non-reentrant): it reads the resolved
+    # params, size defaults included, which do not exist yet when the model loads.
     model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
-        model, use_gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+        model, use_gradient_checkpointing=False)
     tokenizer = AutoTokenizer.from_pretrained(local)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -9,7 +9,7 @@ for `save_dtype`. `decide` is pure (device capability in, dtypes out) so it is t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,8 @@ class Precision:
 
     @property
     def mixed(self) -> bool:
-        """True when autocast computes in a lower precision than the weights."""
-        return self.compute != self.weights
+        """True when the run computes under bf16 or fp16 autocast."""
+        return self.bf16 or self.fp16
 
     def as_dict(self) -> dict[str, Any]:
         """For metrics and the train card."""
@@ -82,7 +82,8 @@ def device_bf16_supported() -> bool:
 
 def qlora_unavailable(*, cuda: bool) -> str | None:
     """Why this host cannot train on a 4-bit (NF4) base, in a few words; None when it can
-    (bitsandbytes' 4-bit kernels need CUDA, and `stratos[qlora]` installs bitsandbytes)."""
+    (Stratos trains QLoRA on CUDA only, though bitsandbytes 0.50 ships CPU kernels too;
+    `stratos[qlora]` installs bitsandbytes)."""
     if not cuda:
         return "no CUDA here"
     try:
@@ -97,6 +98,17 @@ def for_params(params: dict[str, Any], *, cuda: bool, mixed: bool | None = None)
     want = bool(params.get("bf16", False)) if mixed is None else mixed
     return decide(cuda=cuda, bf16_supported=device_bf16_supported() if cuda else False,
                   mixed=want, save_dtype=str(params.get("save_dtype", "float32")))
+
+
+def observed(precision: Precision, model: Any) -> Precision:
+    """precision with `weights` as the model's trainable params really are: trl's SFTTrainer
+    casts a k-bit (QLoRA) model's adapters to bf16, whatever was decided before."""
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
+    if len(dtypes) != 1 or precision.weights in dtypes:
+        return precision
+    found = dtypes.pop()
+    log.info("trained_weights_dtype", decided=precision.weights, found=found)
+    return replace(precision, weights=found)
 
 
 def to_master_weights(model: Any, precision: Precision) -> Any:

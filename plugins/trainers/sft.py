@@ -82,6 +82,7 @@ class SFTRecipe(Trainer):
         dataset = self.dataset(rows, ctx, tokenizer)
         trainer, callback = self.build(model, tokenizer, dataset, params, ctx, cuda=cuda,
                                        precision=prec)
+        prec = precision.observed(prec, trainer.model)
         log.info("training_started", trainer=self.name, model=ctx.model, rows=len(rows),
                  params_m=round(n_params / 1e6, 3), resume=str(ctx.resume_from or ""),
                  weights=prec.weights, compute=prec.compute,

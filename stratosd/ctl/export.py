@@ -40,8 +40,9 @@ examples:
 then:
   AutoModelForCausalLM.from_pretrained("student/model")    # transformers (+ AutoTokenizer)
   vllm serve student/model                                  # the merged model
-  vllm serve BASE --enable-lora --lora-modules mine=student/adapter
-                                                  # the adapter: requests send "model": "mine"
+  vllm serve BASE --enable-lora --lora-modules mine=student/adapter --max-lora-rank R
+                       # the adapter (R: its rank rounded up to one vLLM accepts, printed
+                       # below; BASE a local dir); requests send "model": "mine"
 """
 
 
@@ -187,7 +188,8 @@ def main(args: argparse.Namespace) -> int:
           f"to {dest}")
     if manifest.adapter:
         print(f"  adapter: {dest / manifest.adapter}   (peft: PeftModel.from_pretrained(base, "
-              "this dir); vllm: --enable-lora --lora-modules NAME=this dir)")
+              f"this dir); vllm: --enable-lora --lora-modules NAME=this dir"
+              f"{_vllm_rank_flag(dest / manifest.adapter)})")
     if manifest.model:
         how = "merged, " + manifest.dtype if manifest.merged else "as trained"
         print(f"  model:   {dest / manifest.model}   ({how}; "
@@ -195,3 +197,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"  about:   {dest / MANIFEST}")
     return 0
 
+
+def _vllm_rank_flag(adapter: Path) -> str:
+    """` --max-lora-rank R` for an adapter above vLLM's default rank (16), else nothing."""
+    from plugins.deployers.vllm import adapter_rank, vllm_lora_rank
+    from stratosd.errors import ConfigError
+
+    try:
+        rank = vllm_lora_rank(adapter_rank(adapter))
+    except ConfigError as exc:
+        return f"; {exc.message}"
+    return f" --max-lora-rank {rank}" if rank > 16 else ""

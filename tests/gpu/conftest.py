@@ -4,6 +4,7 @@ a size vLLM's attention kernels accept. Measurements go to $STRATOS_GPU_METRICS 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -54,6 +55,20 @@ def record(request: pytest.FixtureRequest) -> Record:
     return write
 
 
+@contextlib.contextmanager
+def isolated_env(tmp: Path) -> Iterator[None]:
+    """tests/conftest.py's per-test environment, for session fixtures (set up before it runs):
+    a private STRATOS_HOME (config: models are built there, not in ~/.cache), the tests'
+    shared tokenizer cache, no hub."""
+    from tests.conftest import ROOT
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STRATOS_HOME", str(tmp / "home"))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("STRATOS_MODEL_CACHE", str(ROOT / ".stratos" / "test-models"))
+        yield
+
+
 @pytest.fixture(scope="session")
 def lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A LoRA adapter trained on the GPU by the lora-sft plugin on the addition task (its
@@ -65,9 +80,10 @@ def lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     task = AddTask()
     data = write_rows(tmp / "data.jsonl", task, task.examples("train"))
     trainer = get_plugins().trainers.get("lora-sft")()
-    metrics = trainer.train(ctx_for(tmp, data, task, {
-        "max_steps": 60, "learning_rate": 1e-2, "per_device_train_batch_size": 16,
-        "save_steps": 1000}, model=MODEL))
+    with isolated_env(tmp):
+        metrics = trainer.train(ctx_for(tmp, data, task, {
+            "max_steps": 60, "learning_rate": 1e-2, "per_device_train_batch_size": 16,
+            "save_steps": 1000}, model=MODEL))
     (tmp / "train_metrics.json").write_text(json.dumps(
         {"tokens_per_s": metrics.get("tokens_per_s"), "first_loss": metrics.get("first_loss"),
          "final_loss": metrics.get("final_loss")}))
@@ -80,5 +96,6 @@ def exported(lora_adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     from plugins.models.export import export_model
 
     dest = tmp_path_factory.mktemp("export") / "student"
-    export_model(lora_adapter, dest, run_id="gpu-check", trainer="lora-sft")
+    with isolated_env(dest.parent):
+        export_model(lora_adapter, dest, run_id="gpu-check", trainer="lora-sft")
     return dest

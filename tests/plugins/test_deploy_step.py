@@ -278,9 +278,10 @@ def test_vllm_command_serves_an_adapter_on_its_base(tiny: str, tmp_path: Path) -
     ctx = DeployContext(model="config:tiny", adapter=adapter, host="0.0.0.0", port=8001,
                         served_name="student", params={"max_model_len": 1024})
     cmd = VllmDeployer().command(ctx, 8001)
-    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-    assert cmd[cmd.index("--model") + 1] == tiny  # config: refs resolve to a local dir
-    assert cmd[cmd.index("--lora-modules") + 1] == f"student={adapter}"
+    assert cmd[1:4] == ["-m", "vllm.entrypoints.cli.main", "serve"]
+    assert cmd[4] == tiny  # `vllm serve MODEL`; config: refs resolve to a local dir
+    assert json.loads(cmd[cmd.index("--lora-modules") + 1]) == {
+        "name": "student", "path": str(adapter), "base_model_name": "student-base"}
     assert "--enable-lora" in cmd and cmd[cmd.index("--max-lora-rank") + 1] == "16"
     assert cmd[cmd.index("--max-model-len") + 1] == "1024"
     assert cmd[cmd.index("--port") + 1] == "8001"

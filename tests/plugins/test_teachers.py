@@ -249,6 +249,165 @@ def test_vllm_needs_the_extra() -> None:
     assert "stratos[vllm]" in err.value.hint
 
 
+# --- vllm: the worker's use of vLLM's API, against vLLM 0.34's real names and shapes ---------
+# (vllm/entrypoints/llm.py LLM.__init__/chat/generate, sampling_params.py SamplingParams,
+# outputs.py RequestOutput/CompletionOutput, platforms/interface.py Platform), served by a
+# stand-in `vllm` package so the real worker process runs here without a GPU.
+
+FAKE_VLLM = {
+    "vllm/__init__.py": '''
+import json, os
+
+class SamplingParams:  # a msgspec.Struct in vLLM: keywords only, unknown names rejected
+    def __init__(self, *, n=1, temperature=1.0, top_p=1.0, top_k=0, seed=None,
+                 max_tokens=16, stop=None):
+        self.temperature, self.seed, self.max_tokens = temperature, seed, max_tokens
+
+class CompletionOutput:
+    def __init__(self, index, text, token_ids, cumulative_logprob, logprobs,
+                 finish_reason=None, stop_reason=None):
+        self.index, self.text, self.token_ids = index, text, token_ids
+
+class RequestOutput:
+    def __init__(self, request_id, prompt, prompt_token_ids, prompt_logprobs, outputs,
+                 finished, **kwargs):
+        self.prompt, self.prompt_token_ids, self.outputs = prompt, prompt_token_ids, outputs
+
+def _out(i, prompt, sp):
+    text = f"{prompt}|t={sp.temperature}|seed={sp.seed}"
+    ids = list(range(min(sp.max_tokens, 3))) + [2]  # the eos id is in token_ids, not text
+    return RequestOutput(str(i), prompt, [1] * len(prompt.split()), None,
+                         [CompletionOutput(0, text, ids, None, None, "stop")], True)
+
+class LLM:
+    def __init__(self, model, *, tokenizer=None, tensor_parallel_size=1, dtype="auto",
+                 seed=0, gpu_memory_utilization=None, enforce_eager=False, **kwargs):
+        unknown = set(kwargs) - {"max_model_len"}  # **kwargs go to EngineArgs
+        if unknown:
+            raise TypeError(f"unexpected EngineArgs {unknown}")
+        with open(os.environ["FAKE_VLLM_RECORD"], "w") as fh:
+            json.dump({"model": model, "tensor_parallel_size": tensor_parallel_size,
+                       "dtype": dtype, "seed": seed, "enforce_eager": enforce_eager,
+                       "gpu_memory_utilization": gpu_memory_utilization, **kwargs,
+                       "mp": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")}, fh)
+
+    def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None,
+                 priority=None, tokenization_kwargs=None, mm_processor_kwargs=None):
+        assert use_tqdm is False and len(sampling_params) == len(prompts)
+        return [_out(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, sampling_params))]
+
+    def chat(self, messages, sampling_params=None, use_tqdm=True, lora_request=None,
+             priority=None, chat_template=None, chat_template_content_format="auto",
+             add_generation_prompt=True, continue_final_message=False, tools=None,
+             chat_template_kwargs=None, tokenization_kwargs=None, mm_processor_kwargs=None):
+        assert use_tqdm is False and len(sampling_params) == len(messages)
+        return [_out(i, "chat:" + "/".join(f"{m['role']}={m['content']}" for m in conv), sp)
+                for i, (conv, sp) in enumerate(zip(messages, sampling_params))]
+''',
+    "vllm/platforms/__init__.py": '''
+import os
+
+class _Platform:
+    def is_cuda_alike(self):
+        return os.environ.get("FAKE_VLLM_GPU") == "1"
+
+    @classmethod
+    def get_device_name(cls, device_id=0):
+        return "Fake GPU"
+
+current_platform = _Platform()
+''',
+}
+
+
+@pytest.fixture
+def fake_vllm(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A stand-in `vllm` on this process's path and the worker's PYTHONPATH; the JSON file
+    the stand-in writes LLM(...)'s arguments to."""
+    root = tmp_path / "fake"
+    for rel, text in FAKE_VLLM.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("PYTHONPATH", str(root))
+    monkeypatch.setenv("FAKE_VLLM_RECORD", str(tmp_path / "llm.json"))
+    monkeypatch.setenv("FAKE_VLLM_GPU", "1")
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    return tmp_path / "llm.json"
+
+
+def vllm_spec(model: str = "org/teacher", **params: Any) -> TeacherSpec:
+    return TeacherSpec(backend="vllm", model=model, params={"load_timeout_s": 60, **params})
+
+
+async def test_vllm_worker_drives_the_engine_through_vllms_api(fake_vllm: Any) -> None:
+    from plugins.teachers.vllm import VLLMTeacher
+
+    teacher = VLLMTeacher(vllm_spec(max_model_len=512, dtype="bfloat16", enforce_eager=True,
+                                    gpu_memory_utilization=0.25))
+    try:
+        gens = await teacher.generate(reqs(2), max_new_tokens=8, temperature=0.7, seed=5)
+        greedy = await teacher.generate(reqs(1), max_new_tokens=1)
+    finally:
+        await teacher.aclose()
+    assert json.loads(fake_vllm.read_text()) == {
+        "model": "org/teacher", "tensor_parallel_size": 1, "dtype": "bfloat16", "seed": 0,
+        "enforce_eager": True, "gpu_memory_utilization": 0.25, "max_model_len": 512,
+        "mp": "spawn"}  # a fork after the driver's init would break vLLM's engine process
+    # one user turn per prompt through LLM.chat; one seed per prompt, counting up
+    assert [g.text for g in gens] == [
+        "chat:user=What is 0 plus 0?|t=0.7|seed=5", "chat:user=What is 1 plus 1?|t=0.7|seed=6"]
+    assert [(g.prompt_tokens, g.completion_tokens, g.error) for g in gens] == [(5, 4, None)] * 2
+    assert greedy[0].text.endswith("|t=0.0|seed=None") and greedy[0].completion_tokens == 2
+
+
+async def test_vllm_worker_reads_raw_prompts_for_config_models_and_says_when_no_gpu(
+        fake_vllm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from plugins.teachers.vllm import VLLMTeacher
+
+    raw = VLLMTeacher(vllm_spec(chat=False))
+    try:
+        [gen] = await raw.generate(reqs(1), max_new_tokens=4)
+    finally:
+        await raw.aclose()
+    assert gen.text.startswith("What is 0 plus 0?|")  # LLM.generate, no chat template
+    assert VLLMTeacher(vllm_spec("config:tiny")).chat is False  # as the hf teacher
+    assert VLLMTeacher(vllm_spec()).chat is True
+    monkeypatch.setenv("FAKE_VLLM_GPU", "0")
+    nogpu = VLLMTeacher(vllm_spec())
+    [gen] = await nogpu.generate(reqs(1), max_new_tokens=4)
+    await nogpu.aclose()
+    assert gen.error is not None and "no CUDA GPU visible" in gen.error
+
+
+@pytest.mark.parametrize(("params", "field"), [
+    ({"dtype": "bf16"}, "dtype"), ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+    ({"enforce_eager": "yes"}, "enforce_eager"), ({"max_model_len": 8}, "max_model_len"),
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
+])
+def test_vllm_engine_params_vllm_would_refuse_fail_with_their_field(
+        params: dict[str, Any], field: str) -> None:
+    from plugins.teachers.vllm import engine_kwargs
+
+    with pytest.raises(ConfigError) as err:
+        engine_kwargs(params)
+    assert err.value.field == f"teacher.params.{field}" and err.value.hint
+
+
+def test_vllm_engine_kwargs_are_llm_arguments() -> None:
+    from plugins.teachers.vllm import engine_kwargs
+
+    # LLM.__init__'s own keywords, plus max_model_len through **kwargs into EngineArgs
+    llm_args = {"tensor_parallel_size", "dtype", "seed", "gpu_memory_utilization",
+                "enforce_eager", "max_model_len"}
+    full = engine_kwargs({"max_model_len": 1024, "dtype": "half", "enforce_eager": True,
+                          "tensor_parallel_size": 2, "seed": 3})
+    assert set(full) <= llm_args
+    assert full["tensor_parallel_size"] == 2 and full["dtype"] == "half"
+    assert engine_kwargs({}) == {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.9,
+                                 "seed": 0}
+
+
 def test_backends_are_registered() -> None:
     names = set(Plugins(make_plugin_manager(autoload=False)).teachers.names())
     assert {"openai", "hf", "vllm", "reference"} <= names
