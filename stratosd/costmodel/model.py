@@ -60,10 +60,11 @@ PRIOR_MFU_CPU = 0.6
 TRAIN_STEP_OVERHEAD_S = {"cpu": 0.047, "gpu": 0.03}
 PRIOR_MFU_GPU = {"<10M": 0.02, "10M-100M": 0.08, "100M-1B": 0.25, "1B-10B": 0.35,
                  ">10B": 0.4}
-# Decode on CPU: fitted by bench/bench_mfu.py --part decode (4 students, batches 8-20, 1
-# thread). GPU: stated priors, not measured (no GPU has been lent to measure them).
-MFU_DECODE = {"cpu": 0.107, "gpu": 0.5}
-DECODE_LAYER_S = {"cpu": 0.00043, "gpu": 0.0}
+# Decode on CPU: bench/bench_mfu.py --part decode (4 students of 2-6 layers, batches 8-20, 1
+# thread), the mean of two runs on an idle 2-core VM: 0.66 and 0.50 ms per layer, MFU 0.155
+# and 0.139, residuals within -16..+41%. GPU: stated priors, not measured (no GPU lent yet).
+MFU_DECODE = {"cpu": 0.147, "gpu": 0.5}
+DECODE_LAYER_S = {"cpu": 0.00058, "gpu": 0.0}
 DECODE_STEP_S = {"cpu": 0.0, "gpu": 0.02}
 STARTUP_S = {"cpu": 8.0, "gpu": 25.0}
 API_TOKENS_PER_S = 40.0  # one request's output speed when the probe measured none
