@@ -27,7 +27,12 @@ by least squares (both terms non-negative: no intercept), the form of
 new token, whose launch costs outweigh the FLOPs of a tiny model. `DECODE_LAYER_S["cpu"]` and
 `MFU_DECODE["cpu"]` are these fitted values.
 
-Run: .venv/bin/python bench/bench_mfu.py [--part train|decode|both] [--steps 120]
+Start-up (`--part startup`): the fixed cost of each step's child process (interpreter, torch and
+transformers imports, the model load), the cost model's `STARTUP_S["cpu"]`: an `evaluate` job
+of one prompt and one new token through the agent's child entry point, timed from spawn to
+exit, several times per student (the first, which builds the `config:` model, left out).
+
+Run: .venv/bin/python bench/bench_mfu.py [--part train|decode|startup|all] [--steps 120]
                                          [--students config:... ...]
 """
 
@@ -104,6 +109,45 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - b * mx, b
 
 
+def time_child_startup(model: str, work: Path) -> float:
+    """Seconds from spawn to exit of a one-prompt, one-token `evaluate` job in the agent's
+    child entry point: start-up, model load and a negligible decode."""
+    from agents.runner import worker_argv, worker_env
+
+    work.mkdir(parents=True)
+    job = {"job_id": work.name, "run_id": "bench", "step": "evaluate", "workdir": str(work),
+           "state_dir": str(work / "state"), "inputs": {},
+           "args": {"task": TASK, "model": model, "limit": 1, "max_new_tokens": 1,
+                    "batch_size": 1}}
+    (work / "job.json").write_text(json.dumps(job))
+    t0 = time.perf_counter()
+    with (work / "stderr.log").open("w") as err:
+        proc = subprocess.run(worker_argv(work / "job.json"), cwd=ROOT, env=worker_env(),
+                              stdout=subprocess.PIPE, stderr=err, text=True, check=False)
+    seconds = time.perf_counter() - t0
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
+    if not lines or lines[-1].get("kind") != "result":
+        sys.exit(f"evaluate job for {model} failed; see {work / 'stderr.log'}")
+    return seconds
+
+
+def startup_part(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Per student: the child's start-up seconds (median of --startup-repeats)."""
+    import statistics
+
+    rows = []
+    for i, model in enumerate(opts.students):
+        time_child_startup(model, tmp / f"start-{i}-warm")  # builds and caches the model
+        runs = [time_child_startup(model, tmp / f"start-{i}-{r}")
+                for r in range(opts.startup_repeats)]
+        rows.append({"student": model, "seconds": runs, "median_s": statistics.median(runs)})
+        if not opts.json:
+            print(f"{model:<36} child start-up {statistics.median(runs):5.2f} s (median of "
+                  f"{len(runs)}: {', '.join(f'{x:.2f}' for x in runs)})", flush=True)
+    return {"students": rows, "median_s": statistics.median(
+        x for r in rows for x in r["seconds"])}
+
+
 def measure_decode(model: str, prompts: list[str], batch: int, new_tokens: int,
                    repeats: int) -> tuple[float, int]:
     """(seconds, decode steps) of `repeats` batches through the evaluate step's generator; a
@@ -169,7 +213,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="the demo's batch")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: what an agent gives a tiny student)")
-    ap.add_argument("--part", choices=("train", "decode", "both"), default="both")
+    ap.add_argument("--part", choices=("train", "decode", "startup", "all"), default="all")
+    ap.add_argument("--startup-repeats", type=int, default=3)
     ap.add_argument("--decode-batches", type=int, nargs="+", default=[8, 16, 20],
                     help="the probe's, GRPO rollouts' and the demo evaluation's batch")
     ap.add_argument("--new-tokens", type=int, default=32, help="max new tokens per answer")
@@ -185,14 +230,19 @@ def main() -> None:
         cap = measure(opts.threads, tmp)
         rate = cap.matmul_tflops["fp32"] * 1e12
         out: dict[str, Any] = {"threads": opts.threads, "matmul_gflops_fp32": rate / 1e9}
-        if opts.part in ("decode", "both"):
+        if opts.part in ("startup", "all"):
+            out["startup"] = startup_part(opts, tmp)
+            if not opts.json:
+                print(f"child start-up: median {out['startup']['median_s']:.2f} s\n",
+                      flush=True)
+        if opts.part in ("decode", "all"):
             out["decode"] = decode_part(opts, cap)
             if not opts.json:
                 f = out["decode"]["fit"]
                 print(f"decode fit: {f['layer_overhead_s'] * 1e3:.3f} ms per layer + bound at "
                       f"MFU {f['mfu']:.3f}; residuals "
                       + ", ".join(f"{r:+.0f}%" for r in f["residuals_pct"]) + "\n", flush=True)
-        if opts.part == "decode":
+        if opts.part in ("decode", "startup"):
             if opts.json:
                 print(json.dumps(out))
             return

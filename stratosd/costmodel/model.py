@@ -66,7 +66,9 @@ PRIOR_MFU_GPU = {"<10M": 0.02, "10M-100M": 0.08, "100M-1B": 0.25, "1B-10B": 0.35
 MFU_DECODE = {"cpu": 0.147, "gpu": 0.5}
 DECODE_LAYER_S = {"cpu": 0.00058, "gpu": 0.0}
 DECODE_STEP_S = {"cpu": 0.0, "gpu": 0.02}
-STARTUP_S = {"cpu": 8.0, "gpu": 25.0}
+# A step child's start-up and model load: CPU measured by bench/bench_mfu.py --part startup
+# (median 4.63 s over 4 students x 3 runs, 4.30-5.32 s); GPU a stated prior, not measured.
+STARTUP_S = {"cpu": 4.6, "gpu": 25.0}
 API_TOKENS_PER_S = 40.0  # one request's output speed when the probe measured none
 API_CONCURRENCY = 8
 PROBE_GENERATIONS = 16
