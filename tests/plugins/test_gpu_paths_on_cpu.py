@@ -15,6 +15,7 @@ import pytest
 from plugins.trainers import precision
 from plugins.trainers.precision import Precision, decide
 from stratosd.plugins import get_plugins
+from tests.plugins.test_precision import _saved_dtypes
 from tests.plugins.test_trainers import AddTask, ctx_for, write_rows
 
 MODEL = "config:qwen2-tiny"
@@ -58,13 +59,6 @@ def _spy(monkeypatch: pytest.MonkeyPatch, hook_on: str) -> dict[str, Any]:
 
     monkeypatch.setattr(common, "run_hf_trainer", spy)
     return seen
-
-
-def _saved_dtypes(path: Path) -> set[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        return {str(fh.get_slice(k).get_dtype()) for k in fh.keys()}  # noqa: SIM118
 
 
 @pytest.mark.slow
