@@ -30,10 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgspec
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also as `python bench/...`
 
-from bench.tenant_data import DESIGN, write_tenant_file
+import msgspec  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.tenant_data import DESIGN, write_tenant_file  # noqa: E402
 
 TENANTS = list(DESIGN)
 METHODS = ("alone", "plain", "weighted", "acme", "pooled")
