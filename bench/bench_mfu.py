@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +48,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.childjob import run_child_job  # noqa: E402
 
 TASK = {"name": "mahjong-winning-tiles",
         "params": {"difficulty": 1, "n_train": 200, "n_test": 4, "derivation": "wins"}}
@@ -77,26 +78,16 @@ def write_rows(tmp: Path) -> Path:
 
 def run_train(model: str, data: Path, opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One full-sft `train` job through the agent's child entry point; its result."""
-    from agents.runner import worker_argv, worker_env
     from plugins.models.hf import resolve_model
 
-    work.mkdir(parents=True)
     params = {"max_steps": opts.steps, "learning_rate": 3e-3,
               "per_device_train_batch_size": opts.batch, "logging_steps": 10,
               "max_length": 512, "save_steps": 10 * opts.steps, "cpu_threads": opts.threads}
-    job = {"job_id": work.name, "run_id": "bench", "step": "train", "workdir": str(work),
-           "state_dir": str(work / "state"), "inputs": {"dataset": str(data)},
-           "args": {"model": resolve_model(model), "trainer": "full-sft", "task": TASK,
-                    "params": params, "seed": 0}}
-    (work / "job.json").write_text(json.dumps(job))
-    with (work / "stderr.log").open("w") as err:
-        proc = subprocess.run(worker_argv(work / "job.json"), cwd=ROOT, env=worker_env(),
-                              stdout=subprocess.PIPE, stderr=err, text=True, check=False)
-    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
-    final = lines[-1] if lines else {}
-    if final.get("kind") != "result":
-        sys.exit(f"train job for {model} failed ({final}); see {work / 'stderr.log'}")
-    return dict(final["result"])
+    args = {"model": resolve_model(model), "trainer": "full-sft", "task": TASK,
+            "params": params, "seed": 0}
+    result, _wall = run_child_job(work, "train", args, inputs={"dataset": str(data)},
+                                  what=f"train job for {model}")
+    return result
 
 
 def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -112,22 +103,8 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 def time_child_startup(model: str, work: Path) -> float:
     """Seconds from spawn to exit of a one-prompt, one-token `evaluate` job in the agent's
     child entry point: start-up, model load and a negligible decode."""
-    from agents.runner import worker_argv, worker_env
-
-    work.mkdir(parents=True)
-    job = {"job_id": work.name, "run_id": "bench", "step": "evaluate", "workdir": str(work),
-           "state_dir": str(work / "state"), "inputs": {},
-           "args": {"task": TASK, "model": model, "limit": 1, "max_new_tokens": 1,
-                    "batch_size": 1}}
-    (work / "job.json").write_text(json.dumps(job))
-    t0 = time.perf_counter()
-    with (work / "stderr.log").open("w") as err:
-        proc = subprocess.run(worker_argv(work / "job.json"), cwd=ROOT, env=worker_env(),
-                              stdout=subprocess.PIPE, stderr=err, text=True, check=False)
-    seconds = time.perf_counter() - t0
-    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
-    if not lines or lines[-1].get("kind") != "result":
-        sys.exit(f"evaluate job for {model} failed; see {work / 'stderr.log'}")
+    args = {"task": TASK, "model": model, "limit": 1, "max_new_tokens": 1, "batch_size": 1}
+    _result, seconds = run_child_job(work, "evaluate", args, what=f"evaluate job for {model}")
     return seconds
 
 

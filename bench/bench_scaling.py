@@ -27,10 +27,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,34 +44,21 @@ from bench.bench_train import (  # noqa: E402 - after the path set-up
     undisturbed_tokens_per_s,
     write_datasets,
 )
+from bench.childjob import run_child_job  # noqa: E402
 
 
 def run_step(model_dir: str, data: Path, opts: argparse.Namespace, work: Path,
              ranks: int) -> dict[str, Any]:
     """One `train` job through the agent's child entry point with `ranks` ranks (torchrun)."""
-    from agents.runner import worker_argv, worker_env
-
-    work.mkdir(parents=True)
     params = {"max_steps": opts.steps, "learning_rate": opts.lr,
               "per_device_train_batch_size": opts.batch, "logging_steps": 1,
               "max_length": MAX_LENGTH, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
               "save_steps": 10 * opts.steps, "cpu_threads": 1, "ranks": ranks,
               "strategy": "ddp"}
-    job = {"job_id": work.name, "run_id": "bench", "step": "train", "workdir": str(work),
-           "state_dir": str(work / "state"), "inputs": {"dataset": str(data)},
-           "args": {"model": model_dir, "trainer": "lora-sft", "task": TASK,
-                    "params": params, "seed": 0}}
-    (work / "job.json").write_text(json.dumps(job))
-    t0 = time.monotonic()
-    with (work / "stderr.log").open("w") as err:
-        proc = subprocess.run(worker_argv(work / "job.json"), cwd=ROOT, env=worker_env(),
-                              stdout=subprocess.PIPE, stderr=err, text=True, check=False)
-    wall = time.monotonic() - t0
-    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
-    final = lines[-1] if lines else {}
-    if final.get("kind") != "result":
-        sys.exit(f"{ranks}-rank run failed ({final}); see {work / 'stderr.log'}")
-    result = dict(final["result"])
+    args = {"model": model_dir, "trainer": "lora-sft", "task": TASK, "params": params,
+            "seed": 0}
+    result, wall = run_child_job(work, "train", args, inputs={"dataset": str(data)},
+                                 what=f"{ranks}-rank run")
     if result.get("ranks") != ranks:
         sys.exit(f"asked for {ranks} ranks, the step ran {result.get('ranks')}")
     result["tokens_per_s"] = result["train_tokens"] / result["train_time_s"]

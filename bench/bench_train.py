@@ -39,6 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.childjob import run_child_job  # noqa: E402
+
 TASK = {"name": "mahjong-winning-tiles", "params": {"difficulty": 1, "n_train": 64, "n_test": 4}}
 LORA_R, LORA_ALPHA, MAX_LENGTH = 8, 16, 512  # passed to both sides
 
@@ -67,28 +69,14 @@ def write_datasets(tmp: Path) -> tuple[Path, Path]:
 
 def run_agent(model_dir: str, data: Path, opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One `train` job through the agent's child entry point; its `result` metrics."""
-    from agents.runner import worker_argv, worker_env
-
-    work.mkdir(parents=True)
     params = {"max_steps": opts.steps, "learning_rate": opts.lr,
               "per_device_train_batch_size": opts.batch, "logging_steps": 1,
               "max_length": MAX_LENGTH, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
               "save_steps": opts.save_steps or 10 * opts.steps, "cpu_threads": opts.threads}
-    job = {"job_id": work.name, "run_id": "bench", "step": "train", "workdir": str(work),
-           "state_dir": str(work / "state"), "inputs": {"dataset": str(data)},
-           "args": {"model": model_dir, "trainer": "lora-sft", "task": TASK,
-                    "params": params, "seed": 0}}
-    (work / "job.json").write_text(json.dumps(job))
-    t0 = time.monotonic()
-    with (work / "stderr.log").open("w") as err:
-        proc = subprocess.run(worker_argv(work / "job.json"), cwd=ROOT, env=worker_env(),
-                              stdout=subprocess.PIPE, stderr=err, text=True, check=False)
-    wall = time.monotonic() - t0
-    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
-    final = lines[-1] if lines else {}
-    if final.get("kind") != "result":
-        sys.exit(f"agent run failed ({final}); see {work / 'stderr.log'}")
-    result = dict(final["result"])
+    args = {"model": model_dir, "trainer": "lora-sft", "task": TASK, "params": params,
+            "seed": 0}
+    result, wall = run_child_job(work, "train", args, inputs={"dataset": str(data)},
+                                 what="agent run")
     result["tokens_per_s"] = result["train_tokens"] / result["train_time_s"]
     result["wall_s"] = wall
     return result
