@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from plugins.deployers.vllm import VLLM_DTYPES
 from plugins.teachers.common import param
 from plugins.teachers.hf_local import WorkerTeacher, open_protocol
 from schemas.specs import TeacherSpec
@@ -29,8 +30,6 @@ from stratosd.api import TaskPack, TeacherBackend
 from stratosd.errors import ConfigError, MissingDependency
 
 _HINT = "install stratos[vllm] on a GPU host, or use the `hf` or `openai` teacher backend"
-# vLLM's ModelConfig.dtype choices (ModelDType)
-VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
 def vllm_unavailable_reason() -> str | None:
