@@ -170,26 +170,26 @@ def fit(ctx: StepContext, task: TaskPack, examples: list[Example], *, model: str
 
 
 def evaluate_model(ctx: StepContext, task: TaskPack, examples: list[Example], model: str, *,
-                   seed: int = 0, max_new_tokens: int = 12, batch_size: int = 64
-                   ) -> dict[str, Any]:
+                   seed: int = 0, max_new_tokens: int = 12, batch_size: int = 64,
+                   loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Accuracy, partial credit and mean latency per answer of model on examples (the task's
-    scoring)."""
+    scoring); `loaded`: model's (model, tokenizer), already loaded by the caller."""
     from plugins.models.evaluate import evaluate, local_generator
 
-    generate = local_generator(model, seed=seed, max_new_tokens=max_new_tokens)
+    generate = local_generator(model, seed=seed, max_new_tokens=max_new_tokens, loaded=loaded)
     res = evaluate(task, examples, generate, batch_size=batch_size, max_records=0)
     return {"accuracy": res.accuracy, "n": res.n, "correct": res.correct,
             "partial": res.partial, "latency_ms": res.latency_ms_mean}
 
 
-def target_scores(task: TaskPack, examples: list[Example], model: str, *, seed: int = 0
-                  ) -> dict[str, Any]:
+def target_scores(task: TaskPack, examples: list[Example], model: str, *, seed: int = 0,
+                  loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Graded quality of model on examples, teacher-forced on each gold target as it is trained
     (`prompting.encode_example` of `task.format_target("", answer)`, completion tokens only):
     `token_accuracy` (share of target tokens that are the model's argmax), `target_nll` (the
     rows' mean of each row's negative log-likelihood per target token, nats) and
     `target_nll_se` (its standard error over the rows). Unlike exact match these move as soon as
-    a model learns anything of the targets."""
+    a model learns anything of the targets. `loaded`: as in evaluate_model."""
     import statistics
 
     import torch
@@ -197,8 +197,7 @@ def target_scores(task: TaskPack, examples: list[Example], model: str, *, seed: 
     from plugins.models import prompting
     from plugins.models.hf import load_model
 
-    loaded, tokenizer = load_model(model, seed=seed)
-    net: Any = loaded
+    net, tokenizer = loaded if loaded is not None else load_model(model, seed=seed)
     net.eval()
     device = next(net.parameters()).device
     row_nll: list[float] = []

@@ -54,6 +54,8 @@ def _loss(metrics: dict[str, Any], key: str) -> float | None:
 
 def run(ctx: StepContext) -> dict[str, Any]:
     """Count, fit and evaluate each candidate; return the measured points."""
+    from plugins.models.hf import load_model
+
     args: ProbeArgs = parse_args(ctx, ProbeArgs)
     task = local_task(ctx, args)
     fit_part, probe = probe_split(task, args.probe_size)
@@ -72,9 +74,10 @@ def run(ctx: StepContext) -> dict[str, Any]:
                           lora_r=args.lora_r, learning_rate=args.learning_rate,
                           params=args.params, seed=args.seed, trainer=args.trainer)
             evaluated = str(out)
+        loaded = load_model(evaluated, seed=args.seed)  # one load for both measurements
         got = evaluate_model(ctx, task, probe, evaluated, seed=args.seed,
-                             max_new_tokens=args.max_new_tokens)
-        graded = target_scores(task, probe, evaluated, seed=args.seed)
+                             max_new_tokens=args.max_new_tokens, loaded=loaded)
+        graded = target_scores(task, probe, evaluated, seed=args.seed, loaded=loaded)
         points.append(CandidatePoint(
             model=model, params=n, accuracy=got["accuracy"], latency_ms=got["latency_ms"],
             memory_mib=memory_mib(n), partial=got["partial"], n_probe=got["n"],

@@ -136,15 +136,17 @@ class EndpointGen(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def local_generator(
-    model_ref: str, seed: int = 0, max_new_tokens: int = 128, temperature: float = 0.0
+    model_ref: str, seed: int = 0, max_new_tokens: int = 128, temperature: float = 0.0, *,
+    loaded: tuple[Any, Any] | None = None,
 ) -> Generate:
-    """A generator over a local model (config:, path, adapter or hub id), loaded once.
+    """A generator over a local model (config:, path, adapter or hub id), loaded once
+    (`loaded`: model_ref's (model, tokenizer) already loaded by the caller, shared).
 
     Each prompt is one user message, rendered and encoded exactly as the endpoint does.
     """
     from plugins.models.hf import load_model
 
-    model, tokenizer = load_model(model_ref, seed=seed)
+    model, tokenizer = loaded if loaded is not None else load_model(model_ref, seed=seed)
 
     def generate(prompts: list[str]) -> list[Any]:
         return prompting.generate_chat(
