@@ -125,13 +125,14 @@ def startup_part(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         x for r in rows for x in r["seconds"])}
 
 
-def measure_decode(model: str, prompts: list[str], batch: int, new_tokens: int,
-                   repeats: int) -> tuple[float, int]:
-    """(seconds, decode steps) of `repeats` batches through the evaluate step's generator; a
-    batch takes as many steps as its longest answer (generate runs until all have stopped)."""
+def measure_decode(model: str, loaded: tuple[Any, Any], prompts: list[str], batch: int,
+                   new_tokens: int, repeats: int) -> tuple[float, int]:
+    """(seconds, decode steps) of `repeats` batches through the evaluate step's generator over
+    `loaded` (model's (model, tokenizer)); a batch takes as many steps as its longest answer
+    (generate runs until all have stopped)."""
     from plugins.models.evaluate import local_generator
 
-    generate = local_generator(model, max_new_tokens=new_tokens)
+    generate = local_generator(model, max_new_tokens=new_tokens, loaded=loaded)
     generate(prompts[:batch])  # warm-up: first-call allocations and lazy imports
     seconds, steps = 0.0, 0
     for r in range(repeats):
@@ -147,23 +148,26 @@ def decode_part(opts: argparse.Namespace, cap: Any) -> dict[str, Any]:
     """Per student and batch size: seconds per decode step; then the fit."""
     import torch
 
+    from plugins.models.hf import load_model
+    from stratosd.costmodel.model import decode_bound_s
     from stratosd.costmodel.work import model_shape
     from stratosd.plugins import get_plugins
 
     torch.set_num_threads(opts.threads)
-    rate = cap.matmul_tflops["fp32"] * 1e12
-    bw = (cap.mem_bw_gbps or 10.0) * 1e9
+    tflops = cap.matmul_tflops["fp32"]
+    bw_gbps = cap.mem_bw_gbps or 10.0
     task = get_plugins().task(TASK["name"], {**TASK["params"], "n_test": 64})
     prompts = [task.prompt(ex.question) for ex in task.examples("test")]
     rows, points = [], []
     for model in opts.students:
         shape = model_shape(model)
         params = shape.params
+        loaded = load_model(model)
         for batch in opts.decode_batches:
-            seconds, steps = measure_decode(model, prompts, batch, opts.new_tokens,
+            seconds, steps = measure_decode(model, loaded, prompts, batch, opts.new_tokens,
                                             opts.decode_repeats)
             step_s = seconds / max(steps, 1)
-            x = max(params * 4 / bw, 2 * params * batch / rate)  # fp32 weights on CPU
+            x = decode_bound_s(params, params * 4, batch, tflops, bw_gbps)  # fp32 on CPU
             rows.append({"student": model, "params": params, "layers": shape.layers,
                          "batch": batch, "steps": steps, "step_s": step_s, "bound_s": x})
             points.append((shape.layers, x, step_s))
@@ -175,7 +179,7 @@ def decode_part(opts: argparse.Namespace, cap: Any) -> dict[str, Any]:
     a = np.array([[layers, x] for layers, x, _ in points])
     y = np.array([s for _, _, s in points])
     (per_layer, per_bound), *_ = np.linalg.lstsq(a, y, rcond=None)
-    return {"students": rows, "mem_bw_gbps": bw / 1e9, "fit": {
+    return {"students": rows, "mem_bw_gbps": bw_gbps, "fit": {
         "layer_overhead_s": float(per_layer),
         "mfu": 1 / float(per_bound) if per_bound > 0 else float("nan"),
         "residuals_pct": [float(100 * (p / t - 1)) for p, t in zip(a @ [per_layer, per_bound], y,

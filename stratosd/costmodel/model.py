@@ -104,9 +104,17 @@ def _decode_s(params: float, weight_bytes: float, layers: int, sequences: float,
     if sequences <= 0 or new_tokens <= 0:
         return 0.0
     steps = math.ceil(sequences / max(batch, 1)) * new_tokens
-    per_step = max(weight_bytes / (sp.mem_bw_gbps * 1e9),
-                   2 * params * min(batch, sequences) / (sp.tflops * 1e12)) / MFU_DECODE[kind]
-    return steps * (per_step + layers * DECODE_LAYER_S[kind] + DECODE_STEP_S[kind])
+    bound = decode_bound_s(params, weight_bytes, min(batch, sequences), sp.tflops,
+                           sp.mem_bw_gbps)
+    return steps * (bound / MFU_DECODE[kind] + layers * DECODE_LAYER_S[kind]
+                    + DECODE_STEP_S[kind])
+
+
+def decode_bound_s(params: float, weight_bytes: float, batch: float, tflops: float,
+                   mem_bw_gbps: float) -> float:
+    """One decode step's roofline: reading the weights once, or 2 FLOPs per parameter for each
+    sequence of the batch, whichever takes longer (bench/bench_mfu.py fits MFU against it)."""
+    return max(weight_bytes / (mem_bw_gbps * 1e9), 2 * params * batch / (tflops * 1e12))
 
 
 def train_flops(w: JobWork) -> float:
